@@ -1,0 +1,1 @@
+"""taskd: a multi-user task service with live updates."""

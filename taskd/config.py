@@ -1,0 +1,149 @@
+"""Settings: `config.toml` with `TASKD_<TABLE>_<KEY>` environment overrides, validated once."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "TASKD_"
+CONFIG_ENV = "TASKD_CONFIG"
+DEFAULT_CONFIG = Path("config.toml")
+MIN_SECRET_BYTES = 32
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(ipaddress.ip_network(str(v).strip(), strict=False) for v in value)
+        return value
+
+
+class PostgresSettings(_Section):
+    dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/taskd")
+    pool_min: int = Field(1, ge=0)
+    pool_max: int = Field(10, ge=1)
+    timeout: float = Field(5.0, gt=0)
+    statement_timeout_ms: int = Field(10_000, ge=0)
+
+
+class RedisSettings(_Section):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    namespace: str = Field("taskd", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    max_connections: int = Field(32, ge=2)
+    timeout: float = Field(1.0, gt=0)
+
+
+class AuthSettings(_Section):
+    secret: SecretStr = SecretStr("")
+    algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    access_ttl: int = Field(300, ge=1)
+    refresh_ttl: int = Field(86_400, ge=1)
+    bcrypt_rounds: int = Field(12, ge=4, le=31)
+    bcrypt_threads: int = Field(2, ge=1)
+
+
+class ThrottleSettings(_Section):
+    window: int = Field(60, ge=1)
+    login_per_address: int = Field(30, ge=1)
+    login_per_username: int = Field(10, ge=1)
+    register_per_address: int = Field(10, ge=1)
+    local_max_keys: int = Field(100_000, ge=1)
+
+
+class StreamSettings(_Section):
+    maxlen: int = Field(10_000, ge=1)
+    firehose_maxlen: int = Field(10_000, ge=1)
+    ping_interval: float = Field(15.0, gt=0)
+    queue_size: int = Field(1000, ge=1)
+    retry_ms: int = Field(2000, ge=0)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(_Section):
+    http: HttpSettings = HttpSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    redis: RedisSettings = RedisSettings()
+    auth: AuthSettings = AuthSettings()
+    throttle: ThrottleSettings = ThrottleSettings()
+    stream: StreamSettings = StreamSettings()
+    log: LogSettings = LogSettings()
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is not valid."""
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Overlay `TASKD_<TABLE>_<KEY>` variables; an unknown key of a known table is an error."""
+    tables = Settings.model_fields
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        table, _, key = rest.partition("_")
+        if table not in tables:
+            continue
+        section_model = tables[table].annotation
+        fields = (
+            section_model.model_fields
+            if isinstance(section_model, type) and issubclass(section_model, BaseModel)
+            else {}
+        )
+        if key not in fields:
+            raise ConfigError(f"{name}: [{table}] has no key {key!r}")
+        data.setdefault(table, {})[key] = value
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any), overlay the environment and validate."""
+    env = os.environ if env is None else env
+    if path is None:
+        path = Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    elif path != DEFAULT_CONFIG:
+        raise ConfigError(f"{path}: no such file")
+    _apply_env(data, env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check_secret(settings: Settings) -> None:
+    """Refuse to serve with a missing or short signing key."""
+    secret = settings.auth.secret.get_secret_value()
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"[auth] secret (TASKD_AUTH_SECRET) must be at least {MIN_SECRET_BYTES} bytes; "
+            'generate one with: python -c "import secrets; print(secrets.token_urlsafe(48))"'
+        )

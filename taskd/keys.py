@@ -1,0 +1,25 @@
+"""Every typed application and request key, in one place."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from taskd.config import Settings
+
+if TYPE_CHECKING:
+    from taskd.auth import Passwords, Tokens
+    from taskd.throttle import Throttle
+
+SETTINGS = web.AppKey("settings", Settings)
+PG_POOL: web.AppKey[Any] = web.AppKey("pg_pool")  # aiopg.Pool: aiopg ships no type stubs
+REDIS = web.AppKey("redis", Redis)
+BCRYPT_EXECUTOR = web.AppKey("bcrypt_executor", ThreadPoolExecutor)
+PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
+TOKENS: web.AppKey[Tokens] = web.AppKey("tokens")
+THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
+
+USER_ID = web.RequestKey("user_id", int)

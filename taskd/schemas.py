@@ -1,0 +1,234 @@
+"""Request models (pydantic), query parsing, response bodies and DRF-shaped validation errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
+from pydantic_core import ErrorDetails
+
+from taskd.errors import NON_FIELD, ValidationFailed
+from taskd.store import Task, User
+
+TITLE_MAX = 255
+DESCRIPTION_MAX = 10_000
+USERNAME_MAX = 150
+PASSWORD_MIN = 8
+PASSWORD_MAX_BYTES = 72  # bcrypt's limit: longer passwords are refused, never truncated
+LIST_LIMIT_DEFAULT = 100
+LIST_LIMIT_MAX = 1000
+OFFSET_MAX = 2**62  # far past any real list; keeps the value inside Postgres' bigint
+ORDERINGS = ("id", "created_at", "updated_at", "title")
+READ_ONLY_FIELDS = frozenset({"id", "user", "created_at", "updated_at", "version"})
+USERNAME_RE = re.compile(r"^[\w.@+-]+\Z")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("This field may not be null.")
+        return value
+
+
+Title = Annotated[str, StringConstraints(max_length=TITLE_MAX)]
+Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX)]
+
+
+def _check_title(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("This field may not be blank.")
+    return value
+
+
+class TaskCreate(_Body):
+    title: Title
+    description: Description = ""
+    done: bool = False
+
+    _title = field_validator("title")(_check_title)
+
+
+class TaskPut(_Body):
+    """PUT: `title` required; an omitted optional field keeps its value."""
+
+    title: Title
+    description: Description | None = None
+    done: bool | None = None
+
+    _title = field_validator("title")(_check_title)
+
+
+class TaskPatch(_Body):
+    title: Title | None = None
+    description: Description | None = None
+    done: bool | None = None
+
+    _title = field_validator("title")(_check_title)
+
+
+class Register(_Body):
+    username: Annotated[str, StringConstraints(min_length=1, max_length=USERNAME_MAX)]
+    password: str
+    email: str = ""
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str) -> str:
+        if not USERNAME_RE.match(value):
+            raise ValueError(
+                "Enter a valid username. This value may contain only letters, numbers,"
+                " and @/./+/-/_ characters."
+            )
+        return value
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        if not value:
+            return ""
+        try:
+            return validate_email(value, check_deliverability=False).normalized
+        except EmailNotValidError:
+            raise ValueError("Enter a valid email address.") from None
+
+
+def password_problems(password: str, username: str) -> list[str]:
+    """Every rule the password breaks, in DRF's words."""
+    problems = []
+    if len(password) < PASSWORD_MIN:
+        problems.append(
+            f"This password is too short. It must contain at least {PASSWORD_MIN} characters."
+        )
+    if len(password.encode()) > PASSWORD_MAX_BYTES:
+        problems.append(
+            f"This password is too long: at most {PASSWORD_MAX_BYTES} bytes in UTF-8"
+            " (bcrypt's limit)."
+        )
+    if password.isdigit():
+        problems.append("This password is entirely numeric.")
+    if password.casefold() == username.casefold():
+        problems.append("The password is too similar to the username.")
+    return problems
+
+
+class Login(_Body):
+    username: Annotated[str, StringConstraints(min_length=1)]
+    password: Annotated[str, StringConstraints(min_length=1)]
+
+
+class RefreshIn(_Body):
+    refresh: Annotated[str, StringConstraints(min_length=1)]
+
+
+def _message(err: ErrorDetails) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    field = str(err["loc"][0]) if err["loc"] else NON_FIELD
+    match kind:
+        case "missing":
+            return "This field is required."
+        case "extra_forbidden":
+            return "This field is read-only." if field in READ_ONLY_FIELDS else "Unknown field."
+        case "string_type":
+            return "Not a valid string."
+        case "bool_type":
+            return "Must be a valid boolean."
+        case "string_too_long":
+            return f"Ensure this field has no more than {ctx['max_length']} characters."
+        case "string_too_short":
+            return "This field may not be blank."
+        case "value_error":
+            return str(ctx.get("error", err["msg"]))
+        case _:
+            return err["msg"]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_body(model: type[M], data: object) -> M:
+    """Validate a parsed JSON body, raising DRF-shaped field errors."""
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "str", int: "int", float: "float", bool: "bool"}.get(
+            type(data), "null" if data is None else type(data).__name__
+        )
+        raise ValidationFailed.one(
+            NON_FIELD, f"Invalid data. Expected a dictionary, but got {kind}."
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors: dict[str, list[str]] = {}
+        for err in exc.errors(include_url=False):
+            field = str(err["loc"][0]) if err["loc"] else NON_FIELD
+            errors.setdefault(field, []).append(_message(err))
+        raise ValidationFailed(errors) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    limit: int
+    offset: int
+    done: bool | None
+    search: str | None
+    ordering: str  # one of ORDERINGS, with "-" for descending
+
+
+def parse_list_query(query: Mapping[str, str]) -> ListQuery:
+    """Parse `GET /api/tasks/` parameters; a bad value is a 400 on that parameter."""
+    errors: dict[str, list[str]] = {}
+
+    def integer(name: str, default: int, low: int, high: int) -> int:
+        raw = query.get(name)
+        if raw is None or raw == "":
+            return default
+        if not raw.isascii() or not raw.isdigit() or int(raw[:20]) < low:
+            errors[name] = [f"Ensure this value is an integer greater than or equal to {low}."]
+            return default
+        return min(int(raw[:20]) if len(raw) <= 20 else high, high)
+
+    limit = integer("limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
+    offset = integer("offset", 0, 0, OFFSET_MAX)
+    done: bool | None = None
+    if (raw_done := query.get("done")) not in (None, ""):
+        lowered = str(raw_done).lower()
+        if lowered not in ("true", "false"):
+            errors["done"] = ["Must be true or false."]
+        done = lowered == "true"
+    ordering = query.get("ordering") or "-created_at"
+    if ordering.removeprefix("-") not in ORDERINGS:
+        errors["ordering"] = [f"Must be one of: {', '.join(ORDERINGS)}, optionally with '-'."]
+    if errors:
+        raise ValidationFailed(errors)
+    return ListQuery(limit, offset, done, query.get("search") or None, ordering)
+
+
+def timestamp(value: datetime) -> str:
+    """UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def task_body(task: Task) -> dict[str, Any]:
+    """A task as API.md gives it."""
+    return {
+        "id": task.id,
+        "user": task.user_id,
+        "title": task.title,
+        "description": task.description,
+        "done": task.done,
+        "created_at": timestamp(task.created_at),
+        "updated_at": timestamp(task.updated_at),
+        "version": task.version,
+    }
+
+
+def user_body(user: User) -> dict[str, Any]:
+    return {"id": user.id, "username": user.username, "email": user.email}

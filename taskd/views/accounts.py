@@ -1,0 +1,108 @@
+"""Register, login, token refresh, logout and `me`."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from taskd import db, keys, store
+from taskd.auth import public
+from taskd.errors import LoginFailed, NotAuthenticated, TokenInvalid, ValidationFailed
+from taskd.schemas import (
+    Login,
+    RefreshIn,
+    Register,
+    password_problems,
+    user_body,
+    validate_body,
+)
+from taskd.views.common import client_address, read_json
+
+NO_STORE = {"Cache-Control": "no-store"}
+USERNAME_TAKEN = "A user with that username already exists."
+
+
+def _tokens_response(request: web.Request, user_id: int, refresh_jti: uuid.UUID) -> web.Response:
+    tokens = request.app[keys.TOKENS]
+    body = {
+        "access": tokens.issue(user_id, "access"),
+        "refresh": tokens.issue(user_id, "refresh", refresh_jti),
+    }
+    return web.json_response(body, headers=NO_STORE)
+
+
+@public
+async def register(request: web.Request) -> web.Response:
+    app = request.app
+    limits = app[keys.SETTINGS].throttle
+    await app[keys.THROTTLE].hit("register", client_address(request), limits.register_per_address)
+    body = validate_body(Register, await read_json(request))
+    if problems := password_problems(body.password, body.username):
+        raise ValidationFailed({"password": problems})
+    async with db.cursor(app[keys.PG_POOL]) as cur:
+        # A cheap early answer; the unique index decides under a race.
+        if await store.username_exists(cur, body.username):
+            raise ValidationFailed.one("username", USERNAME_TAKEN)
+    password_hash = await app[keys.PASSWORDS].hash(body.password)
+    async with db.cursor(app[keys.PG_POOL]) as cur:
+        try:
+            user = await store.create_user(cur, body.username, body.email, password_hash)
+        except store.UsernameTaken:
+            raise ValidationFailed.one("username", USERNAME_TAKEN) from None
+    return web.json_response(user_body(user), status=201)
+
+
+@public
+async def login(request: web.Request) -> web.Response:
+    app = request.app
+    limits = app[keys.SETTINGS].throttle
+    throttle = app[keys.THROTTLE]
+    await throttle.hit("login-address", client_address(request), limits.login_per_address)
+    body = validate_body(Login, await read_json(request))
+    await throttle.hit("login-username", body.username.lower(), limits.login_per_username)
+    async with db.cursor(app[keys.PG_POOL]) as cur:
+        credentials = await store.get_credentials(cur, body.username)
+    hashed = credentials.password_hash if credentials else None
+    if not await app[keys.PASSWORDS].verify(body.password, hashed) or credentials is None:
+        raise LoginFailed()
+    jti = uuid.uuid4()
+    async with db.cursor(app[keys.PG_POOL]) as cur:
+        ttl = app[keys.TOKENS].ttl("refresh")
+        await store.insert_refresh(cur, jti, credentials.user_id, ttl)
+    return _tokens_response(request, credentials.user_id, jti)
+
+
+async def _refresh_claims(request: web.Request) -> uuid.UUID:
+    body = validate_body(RefreshIn, await read_json(request))
+    return request.app[keys.TOKENS].verify(body.refresh, "refresh").jti
+
+
+@public
+async def refresh(request: web.Request) -> web.Response:
+    """Rotate: the presented token is consumed atomically and a successor issued."""
+    jti, new_jti = await _refresh_claims(request), uuid.uuid4()
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        ttl = request.app[keys.TOKENS].ttl("refresh")
+        user_id = await store.rotate_refresh(cur, jti, new_jti, ttl)
+    if user_id is None:
+        raise TokenInvalid("Token is invalid, expired, revoked or already used.")
+    return _tokens_response(request, user_id, new_jti)
+
+
+@public
+async def logout(request: web.Request) -> web.Response:
+    """Revoke the refresh token's whole family (every replica reads revocation from Postgres)."""
+    jti = await _refresh_claims(request)
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        if not await store.revoke_family(cur, jti):
+            raise TokenInvalid("Token is invalid, expired, revoked or already used.")
+    return web.Response(status=204, headers=NO_STORE)
+
+
+async def me(request: web.Request) -> web.Response:
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        user = await store.get_user(cur, request[keys.USER_ID])
+    if user is None:
+        raise NotAuthenticated("User not found.", code="user_not_found")
+    return web.json_response(user_body(user))

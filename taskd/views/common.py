@@ -1,0 +1,86 @@
+"""What every handler shares: body parsing, ids, If-Match, and the client as a proxy sees it."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from aiohttp import web
+from yarl import URL
+
+from taskd import keys
+from taskd.errors import NON_FIELD, NotFound, ValidationFailed
+
+BIGINT_MAX = 2**63 - 1
+
+
+async def read_json(request: web.Request) -> Any:
+    """The parsed body; aiohttp raises 413 past `[http] max_body_bytes`."""
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "invalid JSON"
+        raise ValidationFailed.one(NON_FIELD, f"JSON parse error - {reason}") from None
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    """An id from the path: anything that is not a positive bigint is simply not found."""
+    raw = request.match_info[name]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 0 < int(raw) <= BIGINT_MAX:
+        raise NotFound()
+    return int(raw)
+
+
+def if_match(request: web.Request) -> set[int] | None:
+    """Versions acceptable to `If-Match` (strong tags only); None when absent or `*`."""
+    header = request.headers.get("If-Match")
+    if header is None or header.strip() == "*":
+        return None
+    versions = set()
+    for tag in header.split(","):
+        tag = tag.strip()
+        if len(tag) > 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+            versions.add(int(tag[1:-1]))
+    return versions  # empty when nothing parsed: matches no version, so 412
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _trusted(address: str | None, request: web.Request) -> bool:
+    proxies = request.app[keys.SETTINGS].http.trusted_proxies
+    if not proxies or not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: `X-Forwarded-For` is believed only from a trusted proxy."""
+    peer = request.remote or "unknown"
+    if not _trusted(peer, request):
+        return peer
+    # Each proxy appends the address it saw: the nearest untrusted hop is the client.
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, request):
+            return hop
+    return hops[0] if hops else peer
+
+
+def public_url(request: web.Request, path: str, query: dict[str, str] | None = None) -> str:
+    """An absolute URL as the client sees the service (behind a trusted proxy: its headers)."""
+    scheme, host = request.scheme, request.host
+    if _trusted(request.remote, request):
+        scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+    try:
+        return str(URL.build(scheme=scheme, authority=host, path=path, query=query or None))
+    except ValueError:  # a Host header no URL can hold
+        return str(URL.build(path=path, query=query or None))

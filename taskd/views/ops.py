@@ -1,0 +1,48 @@
+"""Health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from taskd import db, keys
+from taskd.auth import public
+from taskd.errors import ApiError
+from taskd.streams import REDIS_DOWN
+
+log = logging.getLogger(__name__)
+
+
+@public
+async def healthz(request: web.Request) -> web.Response:
+    """200 while the process runs."""
+    return web.json_response({"status": "ok"})
+
+
+async def _postgres_ok(app: web.Application) -> bool:
+    try:
+        async with db.cursor(app[keys.PG_POOL]) as cur:
+            await cur.execute("SELECT 1")
+        return True
+    except ApiError:
+        return False
+
+
+async def _redis_ok(app: web.Application) -> bool:
+    try:
+        return bool(await app[keys.REDIS].ping())
+    except REDIS_DOWN:
+        return False
+
+
+@public
+async def readyz(request: web.Request) -> web.Response:
+    """200 when Postgres and Redis both answer, 503 otherwise."""
+    postgres, redis = await asyncio.gather(_postgres_ok(request.app), _redis_ok(request.app))
+    checks = {"postgres": postgres, "redis": redis}
+    status = 200 if all(checks.values()) else 503
+    return web.json_response(
+        {"status": "ok" if status == 200 else "unavailable", "checks": checks}, status=status
+    )

@@ -1,0 +1,119 @@
+"""Task list, create, retrieve, PUT, PATCH and DELETE."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from taskd import db, keys, store
+from taskd.errors import NotAuthenticated
+from taskd.schemas import (
+    TaskCreate,
+    TaskPatch,
+    TaskPut,
+    parse_list_query,
+    task_body,
+    validate_body,
+)
+from taskd.store import Task
+from taskd.views.common import etag, if_match, path_id, public_url, read_json
+
+STREAM_POSITION = "X-Stream-Position"
+
+
+def _task_response(request: web.Request, task: Task, status: int = 200) -> web.Response:
+    headers = {"ETag": etag(task.version)}
+    if status == 201:
+        headers["Location"] = public_url(request, f"/api/tasks/{task.id}/")
+    return web.json_response(task_body(task), status=status, headers=headers)
+
+
+def _page_links(
+    request: web.Request, count: int, limit: int, offset: int
+) -> tuple[str | None, str | None]:
+    """DRF's limit/offset `next` and `previous`, keeping the other query parameters."""
+    query = dict(request.query)
+    following = previous = None
+    if offset + limit < count:
+        following = public_url(
+            request, request.path, {**query, "limit": str(limit), "offset": str(offset + limit)}
+        )
+    if offset > 0:
+        back = {**query, "limit": str(limit)}
+        back.pop("offset", None)
+        if offset - limit > 0:
+            back["offset"] = str(offset - limit)
+        previous = public_url(request, request.path, back)
+    return following, previous
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    q = parse_list_query(request.query)
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        page = await store.list_tasks(
+            cur,
+            request[keys.USER_ID],
+            limit=q.limit,
+            offset=q.offset,
+            done=q.done,
+            search=q.search,
+            ordering=q.ordering,
+        )
+    following, previous = _page_links(request, page.count, q.limit, q.offset)
+    body = {
+        "count": page.count,
+        "next": following,
+        "previous": previous,
+        "results": [task_body(task) for task in page.tasks],
+    }
+    return web.json_response(body, headers={STREAM_POSITION: f"{page.event_seq}-0"})
+
+
+async def create_task(request: web.Request) -> web.Response:
+    body = validate_body(TaskCreate, await read_json(request))
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        task = await store.create_task(
+            cur,
+            request[keys.USER_ID],
+            title=body.title,
+            description=body.description,
+            done=body.done,
+        )
+    if task is None:
+        raise NotAuthenticated("User not found.", code="user_not_found")
+    return _task_response(request, task, status=201)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    task_id = path_id(request)
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        task = await store.get_task(cur, request[keys.USER_ID], task_id)
+    if request.headers.get("If-None-Match") == etag(task.version):
+        return web.Response(status=304, headers={"ETag": etag(task.version)})
+    return _task_response(request, task)
+
+
+async def _update(request: web.Request, model: type[BaseModel]) -> web.Response:
+    task_id = path_id(request)
+    body = validate_body(model, await read_json(request))
+    changes = body.model_dump(include=body.model_fields_set)
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        task, _ = await store.update_task(
+            cur, request[keys.USER_ID], task_id, changes, if_match(request)
+        )
+    return _task_response(request, task)
+
+
+async def put_task(request: web.Request) -> web.Response:
+    return await _update(request, TaskPut)
+
+
+async def patch_task(request: web.Request) -> web.Response:
+    return await _update(request, TaskPatch)
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    task_id = path_id(request)
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        await store.delete_task(cur, request[keys.USER_ID], task_id, if_match(request))
+    return web.Response(status=204)

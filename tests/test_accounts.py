@@ -1,0 +1,208 @@
+"""Register, login, refresh rotation and reuse detection, logout, me."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import PASSWORD, User, UserFactory
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def post(client: Client, path: str, body: Any) -> tuple[int, Any, Any]:
+    async with client.post(path, json=body) as resp:
+        text = await resp.text()
+        return resp.status, (await resp.json() if text else None), resp.headers
+
+
+async def test_register_returns_the_account(client: Client) -> None:
+    status, body, _ = await post(
+        client, "/api/register/", {"username": "Zoë.b+1@x", "password": PASSWORD, "email": ""}
+    )
+    assert status == 201
+    assert body == {"id": body["id"], "username": "Zoë.b+1@x", "email": ""}
+    assert isinstance(body["id"], int)
+
+
+async def test_register_keeps_a_valid_email(client: Client) -> None:
+    status, body, _ = await post(
+        client,
+        "/api/register/",
+        {"username": "carol", "password": PASSWORD, "email": "c@example.com"},
+    )
+    assert (status, body["email"]) == (201, "c@example.com")
+
+
+async def test_username_is_unique_case_insensitively(client: Client) -> None:
+    assert (await post(client, "/api/register/", {"username": "Dave", "password": PASSWORD}))[
+        0
+    ] == 201
+    status, body, _ = await post(
+        client, "/api/register/", {"username": "dAVE", "password": PASSWORD}
+    )
+    assert status == 400
+    assert body == {"username": ["A user with that username already exists."]}
+
+
+async def test_concurrent_registrations_of_one_name_make_one_account(client: Client) -> None:
+    results = await asyncio.gather(
+        *(
+            post(client, "/api/register/", {"username": "race", "password": PASSWORD})
+            for _ in range(5)
+        )
+    )
+    assert sorted(status for status, _, _ in results) == [201, 400, 400, 400, 400]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fragment"),
+    [
+        ({"password": PASSWORD}, "username", "required"),
+        ({"username": "", "password": PASSWORD}, "username", "blank"),
+        ({"username": "a b", "password": PASSWORD}, "username", "valid username"),
+        ({"username": "x" * 151, "password": PASSWORD}, "username", "150"),
+        ({"username": "eve"}, "password", "required"),
+        ({"username": "eve", "password": "short1"}, "password", "too short"),
+        ({"username": "eve", "password": "12345678901"}, "password", "entirely numeric"),
+        ({"username": "evelyn123", "password": "EVELYN123"}, "password", "similar"),
+        ({"username": "eve", "password": "é" * 37}, "password", "72 bytes"),
+        ({"username": "eve", "password": PASSWORD, "email": "nope"}, "email", "valid email"),
+        ({"username": "eve", "password": PASSWORD, "is_staff": True}, "is_staff", "Unknown"),
+        ({"username": 7, "password": PASSWORD}, "username", "string"),
+    ],
+)
+async def test_register_validation(client: Client, body: Any, field: str, fragment: str) -> None:
+    status, answer, _ = await post(client, "/api/register/", body)
+    assert status == 400
+    assert field in answer
+    assert any(fragment in message for message in answer[field]), answer
+
+
+async def test_every_password_problem_is_reported(client: Client) -> None:
+    status, body, _ = await post(client, "/api/register/", {"username": "123", "password": "123"})
+    assert status == 400
+    assert len(body["password"]) == 3  # short, numeric, same as the username
+
+
+async def test_login_issues_tokens_not_cached(alice: User, client: Client) -> None:
+    status, body, headers = await post(
+        client, "/api/login/", {"username": "ALICE", "password": PASSWORD}
+    )
+    assert status == 200
+    assert set(body) == {"access", "refresh"}
+    assert headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [("alice", "wrong password"), ("nobody", PASSWORD), ("alice", "x" * 200), ("alice", "é" * 40)],
+)
+async def test_login_failures_look_the_same(
+    alice: User, client: Client, username: str, password: str
+) -> None:
+    status, body, headers = await post(
+        client, "/api/login/", {"username": username, "password": password}
+    )
+    assert status == 401
+    assert body == {
+        "detail": "No active account found with the given credentials.",
+        "code": "no_active_account",
+    }
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_login_requires_both_fields(client: Client) -> None:
+    status, body, _ = await post(client, "/api/login/", {"username": "x"})
+    assert (status, body) == (400, {"password": ["This field is required."]})
+
+
+async def test_me(alice: User) -> None:
+    status, body, _ = await alice.call("GET", "/api/me/")
+    assert (status, body) == (200, {"id": alice.id, "username": "alice", "email": ""})
+
+
+async def test_refresh_rotates(alice: User, client: Client) -> None:
+    status, body, headers = await post(client, "/api/token/refresh/", {"refresh": alice.refresh})
+    assert status == 200
+    assert set(body) == {"access", "refresh"}
+    assert body["refresh"] != alice.refresh
+    assert headers["Cache-Control"] == "no-store"
+    alice.access = body["access"]
+    assert (await alice.call("GET", "/api/me/"))[0] == 200
+    # The successor works; the consumed token does not.
+    assert (await post(client, "/api/token/refresh/", {"refresh": body["refresh"]}))[0] == 200
+
+
+async def test_reused_refresh_token_revokes_the_family(alice: User, client: Client) -> None:
+    _, rotated, _ = await post(client, "/api/token/refresh/", {"refresh": alice.refresh})
+    status, body, _ = await post(client, "/api/token/refresh/", {"refresh": alice.refresh})
+    assert status == 401
+    assert body["code"] == "token_not_valid"
+    # The thief's replay also killed the legitimate successor.
+    status, body, _ = await post(client, "/api/token/refresh/", {"refresh": rotated["refresh"]})
+    assert (status, body["code"]) == (401, "token_not_valid")
+
+
+async def test_reuse_does_not_touch_other_logins(alice: User, client: Client) -> None:
+    _, second_login, _ = await post(
+        client, "/api/login/", {"username": "alice", "password": PASSWORD}
+    )
+    await post(client, "/api/token/refresh/", {"refresh": alice.refresh})
+    await post(client, "/api/token/refresh/", {"refresh": alice.refresh})
+    status, _, _ = await post(client, "/api/token/refresh/", {"refresh": second_login["refresh"]})
+    assert status == 200
+
+
+async def test_concurrent_refreshes_exactly_one_wins(alice: User, client: Client) -> None:
+    results = await asyncio.gather(
+        *(post(client, "/api/token/refresh/", {"refresh": alice.refresh}) for _ in range(6))
+    )
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200, 401, 401, 401, 401, 401]
+    # Losers are treated as theft: the winner's new token is revoked too.
+    winner = next(body for status, body, _ in results if status == 200)
+    assert (await post(client, "/api/token/refresh/", {"refresh": winner["refresh"]}))[0] == 401
+
+
+async def test_logout_revokes_the_family(alice: User, client: Client) -> None:
+    _, rotated, _ = await post(client, "/api/token/refresh/", {"refresh": alice.refresh})
+    status, body, _ = await post(client, "/api/logout/", {"refresh": rotated["refresh"]})
+    assert (status, body) == (204, None)
+    assert (await post(client, "/api/token/refresh/", {"refresh": rotated["refresh"]}))[0] == 401
+    assert (await post(client, "/api/logout/", {"refresh": rotated["refresh"]}))[0] == 401
+
+
+async def test_logout_needs_no_access_token(make_user: UserFactory, client: Client) -> None:
+    user = await make_user()
+    async with client.post("/api/logout/", json={"refresh": user.refresh}) as resp:
+        assert resp.status == 204
+
+
+@pytest.mark.parametrize("path", ["/api/token/refresh/", "/api/logout/"])
+@pytest.mark.parametrize(
+    ("body", "status", "key"),
+    [
+        ({}, 400, "refresh"),
+        ({"refresh": 5}, 400, "refresh"),
+        ({"refresh": None}, 400, "refresh"),
+        ({"refresh": "not-a-jwt"}, 401, "code"),
+    ],
+)
+async def test_refresh_and_logout_input(
+    client: Client, path: str, body: Any, status: int, key: str
+) -> None:
+    got, answer, _ = await post(client, path, body)
+    assert got == status
+    assert key in answer
+    if status == 401:
+        assert answer["code"] == "token_not_valid"
+
+
+async def test_access_token_is_not_a_refresh_token(alice: User, client: Client) -> None:
+    status, body, _ = await post(client, "/api/token/refresh/", {"refresh": alice.access})
+    assert (status, body["code"]) == (401, "token_not_valid")

@@ -1,0 +1,64 @@
+"""config.toml plus TASKD_<TABLE>_<KEY> overrides, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from taskd.config import ConfigError, check_secret, load_settings
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_file_is_valid_and_matches_defaults() -> None:
+    settings = load_settings(PROJECT / "config.toml", env={})
+    assert settings.http.port == 8080
+    assert settings.redis.namespace == "taskd"
+
+
+def test_environment_overrides_the_file() -> None:
+    env = {
+        "TASKD_HTTP_PORT": "9999",
+        "TASKD_POSTGRES_DSN": "postgresql://x@h/db",
+        "TASKD_HTTP_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+        "TASKD_AUTH_SECRET": "s" * 40,
+        "UNRELATED": "1",
+    }
+    settings = load_settings(PROJECT / "config.toml", env=env)
+    assert settings.http.port == 9999
+    assert settings.postgres.dsn.get_secret_value() == "postgresql://x@h/db"
+    assert [str(n) for n in settings.http.trusted_proxies] == ["10.0.0.0/8", "127.0.0.1/32"]
+    check_secret(settings)
+
+
+def test_unknown_key_in_environment_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="no key"):
+        load_settings(PROJECT / "config.toml", env={"TASKD_HTTP_PROT": "1"})
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[http]\nprot = 1\n")
+    with pytest.raises(ConfigError):
+        load_settings(path, env={})
+
+
+def test_bad_value_is_an_error() -> None:
+    with pytest.raises(ConfigError):
+        load_settings(PROJECT / "config.toml", env={"TASKD_HTTP_PORT": "eighty"})
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[http]\nport = 1234\n")
+    assert load_settings(env={"TASKD_CONFIG": str(path)}).http.port == 1234
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(env={"TASKD_CONFIG": str(tmp_path / "missing.toml")})
+
+
+@pytest.mark.parametrize("secret", ["", "short"])
+def test_missing_or_short_secret_is_refused(secret: str) -> None:
+    settings = load_settings(PROJECT / "config.toml", env={"TASKD_AUTH_SECRET": secret})
+    with pytest.raises(ConfigError, match="secret"):
+        check_secret(settings)
