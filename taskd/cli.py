@@ -46,13 +46,17 @@ def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
 
 
 def _serve(settings: Settings) -> None:
-    app = create_app(settings)
+    url = f"http://{settings.http.host}:{settings.http.port}/"
+
+    def announce(_: str) -> None:  # called by run_app once the socket is listening
+        print(f"taskd is serving at {url} (Ctrl-C stops it)", flush=True)
+
     web.run_app(
-        app,
+        create_app(settings),
         host=settings.http.host,
         port=settings.http.port,
         access_log_class=AccessLogger,
-        print=lambda line: log.info("%s", line.strip()),
+        print=announce,
     )
 
 
@@ -74,7 +78,6 @@ def _dev(settings: Settings) -> None:
             }
         )
         asyncio.run(migrate_dsn(settings.postgres))
-        print(f"taskd is serving at http://{settings.http.host}:{settings.http.port}/", flush=True)
         _serve(settings)
 
 

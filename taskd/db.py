@@ -77,6 +77,9 @@ async def cursor(pool: Any) -> AsyncIterator[Cursor]:
             yield cur
     except _OUTAGE as exc:
         log.warning("postgres unavailable: %s", exc)
+        # After a restart every idle connection is dead: drop them all, so that one request
+        # pays for the outage rather than one per pooled connection.
+        await pool.clear()
         raise Unavailable() from exc
     except asyncio.CancelledError:
         # aiopg turns a server-side statement timeout into CancelledError; only a real

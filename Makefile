@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest clean
+
+run: $(STAMP)
+	$(BIN)/taskd dev
+
+test: $(STAMP) lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check taskd tests
+	$(BIN)/ruff format --check taskd tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy taskd
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+# The virtualenv, with taskd installed in it (editable) and the test tools.
+$(STAMP): pyproject.toml
+	@sh scripts/ensure-python.sh $(PYTHON)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .dev .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,91 @@
+"""The `taskd` command as `make run` uses it: private servers when none answer, a working API,
+and Ctrl-C stops everything it started."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+from taskd import devservers
+from tests.conftest import PASSWORD, PROJECT
+
+STARTUP_LIMIT = 120.0  # initdb on a busy machine; a bound, not a goal
+
+
+async def run_taskd(*args: str, env: dict[str, str], cwd: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskd",
+        *args,
+        env={**os.environ, **env},
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def test_serve_refuses_a_missing_secret(tmp_path: Path) -> None:
+    proc = await run_taskd("serve", env={"TASKD_AUTH_SECRET": ""}, cwd=tmp_path)
+    output, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert b"secret" in output
+
+
+async def test_dev_starts_private_servers_serves_and_stops_them() -> None:
+    workdir = devservers.state_dir(PROJECT) / f"cli-{uuid.uuid4().hex[:8]}"
+    workdir.mkdir(parents=True)
+    port = devservers.free_port()
+    env = {
+        # Nothing listens on these: the launcher must start its own servers.
+        "TASKD_POSTGRES_DSN": f"postgresql://postgres@127.0.0.1:{devservers.free_port()}/taskd",
+        "TASKD_REDIS_URL": f"redis://127.0.0.1:{devservers.free_port()}/0",
+        "TASKD_HTTP_PORT": str(port),
+        "TASKD_AUTH_BCRYPT_ROUNDS": "4",
+        "TASKD_AUTH_SECRET": "",
+    }
+    proc = await run_taskd("dev", env=env, cwd=workdir)
+    assert proc.stdout is not None
+    output = []
+    try:
+        async with asyncio.timeout(STARTUP_LIMIT):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "".join(output)
+                output.append(line)
+                if "taskd is serving at" in line:
+                    break
+        assert f"http://127.0.0.1:{port}/" in line
+        redis_port = int(
+            re.findall(r"redis: using private server 127\.0\.0\.1:(\d+)", "".join(output))[0]
+        )
+
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            body = {"username": "newcomer", "password": PASSWORD}
+            async with http.post(f"{base}/api/register/", json=body) as resp:
+                assert resp.status == 201
+            async with http.post(f"{base}/api/login/", json=body) as resp:
+                access = (await resp.json())["access"]
+            headers = {"Authorization": f"Bearer {access}"}
+            async with http.post(
+                f"{base}/api/tasks/", json={"title": "hi"}, headers=headers
+            ) as resp:
+                assert resp.status == 201
+            async with http.get(f"{base}/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, "".join(output) + rest.decode()
+    assert not devservers.PostgresServer(devservers.state_dir(workdir) / "postgres").running()
+    assert not devservers.redis_reachable(f"redis://127.0.0.1:{redis_port}/0", timeout=1)
+    shutil.rmtree(workdir)
