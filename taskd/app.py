@@ -11,9 +11,11 @@ from taskd.auth import auth_ctx, auth_middleware
 from taskd.config import Settings
 from taskd.db import pg_pool_ctx
 from taskd.errors import error_middleware
+from taskd.hub import end_streams, hub_ctx
+from taskd.relay import relay_ctx
 from taskd.streams import Keys, redis_ctx
 from taskd.throttle import Throttle
-from taskd.views import accounts, ops, tasks
+from taskd.views import accounts, live, ops, tasks
 
 
 async def throttle_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -36,6 +38,8 @@ def add_routes(app: web.Application) -> None:
     r.add_put("/api/tasks/{id}/", tasks.put_task)
     r.add_patch("/api/tasks/{id}/", tasks.patch_task)
     r.add_delete("/api/tasks/{id}/", tasks.delete_task)
+    r.add_get("/api/stream/", live.sse, allow_head=False)
+    r.add_get("/api/ws/", live.ws, allow_head=False)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
 
@@ -52,5 +56,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(throttle_ctx)
+    app.cleanup_ctx.append(relay_ctx)
+    app.cleanup_ctx.append(hub_ctx)
+    app.on_shutdown.append(end_streams)
     add_routes(app)
     return app

@@ -138,7 +138,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         target = match.handler
         if not getattr(target, PUBLIC, False):
             token = bearer_token(request, getattr(target, QUERY_TOKEN, False))
-            request[keys.USER_ID] = request.app[keys.TOKENS].verify(token, "access").user_id
+            claims = request.app[keys.TOKENS].verify(token, "access")
+            request[keys.USER_ID] = claims.user_id
+            request[keys.TOKEN_EXPIRES] = claims.exp
     return await handler(request)
 
 

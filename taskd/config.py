@@ -28,6 +28,16 @@ class HttpSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return (
+            tuple(str(v).rstrip("/") for v in value) if isinstance(value, list | tuple) else value
+        )
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -77,6 +87,17 @@ class StreamSettings(_Section):
     ping_interval: float = Field(15.0, gt=0)
     queue_size: int = Field(1000, ge=1)
     retry_ms: int = Field(2000, ge=0)
+    catch_up_batch: int = Field(500, ge=1)
+    hub_batch: int = Field(500, ge=1)
+    hub_block_ms: int = Field(5000, ge=1)
+    send_timeout: float = Field(10.0, gt=0)
+
+
+class RelaySettings(_Section):
+    batch_size: int = Field(500, ge=1)
+    sweep_interval: float = Field(1.0, gt=0)
+    lease_seconds: int = Field(5, ge=1)
+    max_backoff: float = Field(5.0, gt=0)
 
 
 class LogSettings(_Section):
@@ -91,6 +112,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     throttle: ThrottleSettings = ThrottleSettings()
     stream: StreamSettings = StreamSettings()
+    relay: RelaySettings = RelaySettings()
     log: LogSettings = LogSettings()
 
 

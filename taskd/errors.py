@@ -81,6 +81,12 @@ class LoginFailed(NotAuthenticated):
     detail = "No active account found with the given credentials."
 
 
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+    detail = "You do not have permission to perform this action."
+
+
 class NotFound(ApiError):
     status = 404
     code = "not_found"

@@ -12,6 +12,8 @@ from taskd.config import Settings
 
 if TYPE_CHECKING:
     from taskd.auth import Passwords, Tokens
+    from taskd.hub import Hub
+    from taskd.relay import Doorbell, Relay
     from taskd.throttle import Throttle
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,5 +23,9 @@ BCRYPT_EXECUTOR = web.AppKey("bcrypt_executor", ThreadPoolExecutor)
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 TOKENS: web.AppKey[Tokens] = web.AppKey("tokens")
 THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
+DOORBELL: web.AppKey[Doorbell] = web.AppKey("doorbell")
+RELAY: web.AppKey[Relay] = web.AppKey("relay")
+HUB: web.AppKey[Hub] = web.AppKey("hub")
 
 USER_ID = web.RequestKey("user_id", int)
+TOKEN_EXPIRES = web.RequestKey("token_expires", int)  # the access token's `exp` (Unix time)

@@ -364,3 +364,79 @@ async def delete_task(cur: Cursor, user_id: int, task_id: int, if_match: set[int
         _check_version(task, if_match)
         params = {"task_id": task_id, "seq": seq, "kind": "task.deleted", "at": at}
         await cur.execute(DELETE_TASK, params)
+
+
+# --- outbox and stream positions (the relay and the hub) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    user_id: int
+    seq: int
+    kind: str
+    task_id: int
+    version: int
+    task: Task | None  # None for task.deleted
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    committed: int  # the user's newest committed event number
+    pending_from: int | None  # the oldest event still waiting in the outbox, if any
+
+
+# Whatever is there, in (user, seq) order: never "ids above the last one seen", since a row
+# can commit after a row with a higher number was read (DESIGN.md, pitfalls).
+FETCH_OUTBOX = """
+SELECT user_id, seq, kind, task_id, version, title, description, done, created_at, updated_at, at
+FROM outbox ORDER BY user_id, seq LIMIT %s
+"""
+DELETE_OUTBOX = """
+DELETE FROM outbox o USING unnest(%s::bigint[], %s::bigint[]) AS d(user_id, seq)
+WHERE o.user_id = d.user_id AND o.seq = d.seq
+"""
+STREAM_STATE = """
+SELECT u.event_seq, (SELECT min(seq) FROM outbox o WHERE o.user_id = u.id)
+FROM users u WHERE u.id = %s
+"""
+
+
+async def fetch_outbox(cur: Cursor, limit: int) -> list[OutboxEvent]:
+    await cur.execute(FETCH_OUTBOX, (limit,))
+    events = []
+    for (
+        user_id,
+        seq,
+        kind,
+        task_id,
+        version,
+        title,
+        desc,
+        done,
+        created,
+        updated,
+        at,
+    ) in await cur.fetchall():
+        task = (
+            None
+            if kind == "task.deleted"
+            else Task(task_id, user_id, title, desc, done, created, updated, version)
+        )
+        events.append(OutboxEvent(user_id, seq, kind, task_id, version, task, at))
+    return events
+
+
+async def delete_outbox(cur: Cursor, published: list[tuple[int, int]]) -> None:
+    """Forget published events, by (user_id, seq)."""
+    users, seqs = [p[0] for p in published], [p[1] for p in published]
+    await cur.execute(DELETE_OUTBOX, (users, seqs))
+
+
+async def stream_state(cur: Cursor, user_id: int) -> StreamState:
+    """Where the user's event sequence stands in Postgres (one primary-key read)."""
+    await cur.execute(STREAM_STATE, (user_id,))
+    row = await cur.fetchone()
+    if row is None:
+        return StreamState(0, None)
+    return StreamState(int(row[0]), None if row[1] is None else int(row[1]))

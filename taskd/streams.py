@@ -1,23 +1,41 @@
-"""Redis: the client's lifecycle and every key name the service uses."""
+"""Redis: the client's lifecycle, every key name, and events as they travel through Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from taskd import keys
 from taskd.config import RedisSettings
+from taskd.schemas import task_body, timestamp
+from taskd.store import OutboxEvent
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "Redis is not answering" on a request path.
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
+
+
+def stop_requested() -> bool:
+    """True once the current task has been asked to cancel.
+
+    redis-py's reads nest their own timeouts, and on Python 3.11 a cancellation that meets an
+    expiring timeout can surface as a timeout (or a None reply) instead of CancelledError.
+    Long-running loops check this so that shutdown never hangs on such a swallowed cancel.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Keys:
@@ -30,7 +48,16 @@ class Keys:
         return f"{self.namespace}:throttle:{scope}:{window}:{ident}"
 
     def events(self, user_id: int) -> str:
+        """The user's stream: entry ids are the dense event ids `<n>-0`."""
         return f"{self.namespace}:events:{user_id}"
+
+    def firehose(self) -> str:
+        """Every user's events, for the hubs to tail with one read per process."""
+        return f"{self.namespace}:firehose"
+
+    def doorbell(self) -> str:
+        """Pub/Sub channel that wakes the relay after a commit."""
+        return f"{self.namespace}:doorbell"
 
     def pattern(self) -> str:
         """Every key of this namespace (for tests and tooling)."""
@@ -68,3 +95,49 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await client.aclose()
         await client.connection_pool.disconnect()
+
+
+# --- events --------------------------------------------------------------------------------
+
+EVENT_ID = re.compile(r"^(0|[1-9][0-9]{0,18})-0$")
+
+
+def event_id(seq: int) -> str:
+    return f"{seq}-0"
+
+
+def parse_event_id(raw: str) -> int | None:
+    """The n of a resume id `<n>-0`; None when malformed."""
+    match = EVENT_ID.match(raw)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of one user: `data` is the JSON sent to clients, serialised once."""
+
+    user_id: int
+    seq: int
+    type: str
+    data: str
+
+
+def encode_event(row: OutboxEvent) -> Event:
+    """The API.md event for an outbox row."""
+    task = {"id": row.task_id, "version": row.version} if row.task is None else task_body(row.task)
+    body = {"id": event_id(row.seq), "type": row.kind, "task": task, "at": timestamp(row.at)}
+    return Event(row.user_id, row.seq, row.kind, json.dumps(body, ensure_ascii=False))
+
+
+def entry_fields(event: Event) -> dict[FieldT, EncodableT]:
+    """What an event carries in a Redis Stream entry (the per-user stream and the firehose)."""
+    return {"user": event.user_id, "seq": event.seq, "type": event.type, "data": event.data}
+
+
+def event_from_entry(fields: Mapping[bytes, bytes]) -> Event:
+    return Event(
+        int(fields[b"user"]),
+        int(fields[b"seq"]),
+        fields[b"type"].decode(),
+        fields[b"data"].decode(),
+    )

@@ -4,10 +4,11 @@ a database cloned from a migrated template per test, and a Redis namespace per t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from taskd import devservers
 from taskd.app import create_app
 from taskd.config import Settings, load_settings
 from taskd.db import migrate_dsn
+from tests.live import SseEvent, SseStream
 
 PROJECT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
@@ -162,6 +164,23 @@ class User:
             text = await resp.text()
             body = await resp.json() if text else None
             return resp.status, body, resp.headers
+
+    @contextlib.asynccontextmanager
+    async def sse(
+        self, last_event_id: str | None = None, query: dict[str, str] | None = None
+    ) -> AsyncIterator[SseStream]:
+        """An open `GET /api/stream/` (200 asserted), resuming from `last_event_id` if given."""
+        headers = {"Authorization": f"Bearer {self.access}"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        async with self.client.get("/api/stream/", headers=headers, params=query) as resp:
+            assert resp.status == 200, await resp.text()
+            yield SseStream(resp)
+
+    async def events(self, after: str, count: int) -> list[SseEvent]:
+        """The `count` events after `after`, read from the stream, and nothing else in between."""
+        async with self.sse(last_event_id=after) as stream:
+            return await stream.take(count)
 
     async def create_task(self, title: str = "a task", **fields: Any) -> dict[str, Any]:
         status, body, _ = await self.call("POST", "/api/tasks/", {"title": title, **fields})

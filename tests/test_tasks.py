@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
 
-import psycopg2
 import pytest
 
 from tests.conftest import User, UserFactory
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-def outbox(dsn: str, user_id: int) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT seq, kind, task_id, version FROM outbox WHERE user_id = %s ORDER BY seq",
-                (user_id,),
-            )
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 async def test_create_returns_task_with_location_and_etag(alice: User) -> None:
@@ -81,18 +66,20 @@ async def test_put_requires_title_and_keeps_omitted_fields(alice: User) -> None:
     assert (body["title"], body["description"], body["done"]) == ("y", "keep", True)
 
 
-async def test_noop_update_keeps_version_and_queues_no_event(
-    alice: User, database_dsn: str
-) -> None:
+async def test_noop_update_keeps_version_and_sends_no_event(alice: User) -> None:
     task = await alice.create_task("x")
     for method in ("PUT", "PATCH"):
         status, body, _ = await alice.call(method, f"/api/tasks/{task['id']}/", {"title": "x"})
         assert status == 200
         assert body == task
-    assert [row[1] for row in outbox(database_dsn, alice.id)] == ["task.created"]
+    marker = await alice.create_task("marker")
+    # Ids are dense: the marker being event 2 proves the no-ops produced none.
+    events = await alice.events(after="0-0", count=2)
+    assert [(e.id, e.event) for e in events] == [("1-0", "task.created"), ("2-0", "task.created")]
+    assert events[1].json["task"] == marker
 
 
-async def test_delete_then_gone(alice: User, database_dsn: str) -> None:
+async def test_delete_then_gone(alice: User) -> None:
     task = await alice.create_task("x")
     status, body, _ = await alice.call("DELETE", f"/api/tasks/{task['id']}/")
     assert (status, body) == (204, None)
@@ -102,24 +89,27 @@ async def test_delete_then_gone(alice: User, database_dsn: str) -> None:
     status, _, _ = await alice.call("DELETE", f"/api/tasks/{task['id']}/")
     assert status == 404
     # The deleted event carries the last version plus one.
-    assert outbox(database_dsn, alice.id)[-1] == (2, "task.deleted", task["id"], 2)
+    (deleted,) = await alice.events(after="1-0", count=1)
+    assert (deleted.id, deleted.event) == ("2-0", "task.deleted")
+    assert deleted.json["task"] == {"id": task["id"], "version": 2}
 
 
-async def test_every_change_queues_one_dense_event(alice: User, database_dsn: str) -> None:
+async def test_every_change_makes_one_dense_event_and_failures_none(alice: User) -> None:
     task = await alice.create_task("x")
-    await alice.call("PATCH", f"/api/tasks/{task['id']}/", {"title": "y"})
-    await alice.call("PATCH", f"/api/tasks/{task['id']}/", {"title": "y"})  # no-op
-    await alice.call("PATCH", f"/api/tasks/{task['id']}/", {"title": ""})  # 400
-    await alice.call(
-        "PATCH", f"/api/tasks/{task['id']}/", {"done": True}, headers={"If-Match": '"1"'}
-    )
+    url = f"/api/tasks/{task['id']}/"
+    await alice.call("PATCH", url, {"title": "y"})
+    await alice.call("PATCH", url, {"title": "y"})  # no-op
+    await alice.call("PATCH", url, {"title": ""})  # 400
+    await alice.call("PATCH", url, {"done": True}, headers={"If-Match": '"1"'})  # 412
     await alice.call("DELETE", f"/api/tasks/{task['id'] + 100}/")  # 404
-    await alice.call("DELETE", f"/api/tasks/{task['id']}/")
-    rows = outbox(database_dsn, alice.id)
-    assert [(seq, kind, version) for seq, kind, _, version in rows] == [
-        (1, "task.created", 1),
-        (2, "task.updated", 2),
-        (3, "task.deleted", 3),
+    await alice.call("DELETE", url)
+    await alice.create_task("marker")
+    events = await alice.events(after="0-0", count=4)
+    assert [(e.id, e.event, e.json["task"]["version"]) for e in events] == [
+        ("1-0", "task.created", 1),
+        ("2-0", "task.updated", 2),
+        ("3-0", "task.deleted", 3),
+        ("4-0", "task.created", 1),
     ]
 
 
@@ -316,10 +306,10 @@ async def test_users_only_list_their_own(alice: User, bob: User) -> None:
     assert body["count"] == 1
 
 
-async def test_many_users_keep_their_own_sequence(
-    make_user: UserFactory, database_dsn: str
-) -> None:
+async def test_many_users_keep_their_own_sequence(make_user: UserFactory) -> None:
     users = [await make_user() for _ in range(3)]
     await asyncio.gather(*(u.create_task(f"t{i}") for u in users for i in range(3)))
     for user in users:
-        assert [row[0] for row in outbox(database_dsn, user.id)] == [1, 2, 3]
+        events = await user.events(after="0-0", count=3)
+        assert [e.id for e in events] == ["1-0", "2-0", "3-0"]
+        assert {e.json["task"]["user"] for e in events} == {user.id}

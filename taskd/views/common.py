@@ -74,12 +74,23 @@ def client_address(request: web.Request) -> str:
     return hops[0] if hops else peer
 
 
-def public_url(request: web.Request, path: str, query: dict[str, str] | None = None) -> str:
-    """An absolute URL as the client sees the service (behind a trusted proxy: its headers)."""
+def _scheme_and_host(request: web.Request) -> tuple[str, str]:
     scheme, host = request.scheme, request.host
     if _trusted(request.remote, request):
         scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
         host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+    return scheme, host
+
+
+def public_origin(request: web.Request) -> str:
+    """The service's own origin as the browser sees it, e.g. `https://tasks.example.com`."""
+    scheme, host = _scheme_and_host(request)
+    return f"{scheme.lower()}://{host.lower()}"
+
+
+def public_url(request: web.Request, path: str, query: dict[str, str] | None = None) -> str:
+    """An absolute URL as the client sees the service (behind a trusted proxy: its headers)."""
+    scheme, host = _scheme_and_host(request)
     try:
         return str(URL.build(scheme=scheme, authority=host, path=path, query=query or None))
     except ValueError:  # a Host header no URL can hold

@@ -81,6 +81,7 @@ async def create_task(request: web.Request) -> web.Response:
         )
     if task is None:
         raise NotAuthenticated("User not found.", code="user_not_found")
+    request.app[keys.DOORBELL].ring()
     return _task_response(request, task, status=201)
 
 
@@ -98,9 +99,11 @@ async def _update(request: web.Request, model: type[BaseModel]) -> web.Response:
     body = validate_body(model, await read_json(request))
     changes = body.model_dump(include=body.model_fields_set)
     async with db.cursor(request.app[keys.PG_POOL]) as cur:
-        task, _ = await store.update_task(
+        task, changed = await store.update_task(
             cur, request[keys.USER_ID], task_id, changes, if_match(request)
         )
+    if changed:
+        request.app[keys.DOORBELL].ring()
     return _task_response(request, task)
 
 
@@ -116,4 +119,5 @@ async def delete_task(request: web.Request) -> web.Response:
     task_id = path_id(request)
     async with db.cursor(request.app[keys.PG_POOL]) as cur:
         await store.delete_task(cur, request[keys.USER_ID], task_id, if_match(request))
+    request.app[keys.DOORBELL].ring()
     return web.Response(status=204)

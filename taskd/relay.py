@@ -1,0 +1,215 @@
+"""The relay: one leader cluster-wide publishes outbox rows to the users' Redis Streams.
+
+Election is a Postgres advisory lock held on a dedicated session. The server drops that
+session (and so the lock) when it goes quiet for `lease_seconds` (idle_session_timeout, TCP
+keepalives and user timeout), so a dead, hung or partitioned leader is replaced in seconds.
+Publication is at-least-once and harmless to repeat: per-user entry ids are the dense event
+ids, and Redis refuses an id at or below a stream's top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiopg
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from taskd import db, keys, store
+from taskd.config import PostgresSettings, RelaySettings, StreamSettings
+from taskd.streams import (
+    REDIS_DOWN,
+    Keys,
+    encode_event,
+    entry_fields,
+    event_id,
+    stop_requested,
+)
+
+log = logging.getLogger(__name__)
+
+LEADER_LOCK = 7_243_002  # advisory lock key: one relay leader per database
+
+
+def _session_options(postgres: PostgresSettings, relay: RelaySettings) -> dict[str, Any]:
+    kwargs = db.connect_kwargs(postgres)
+    lease_ms = relay.lease_seconds * 1000
+    kwargs["options"] += (
+        f" -c idle_session_timeout={lease_ms} -c tcp_user_timeout={lease_ms}"
+        " -c tcp_keepalives_idle=1 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
+    )
+    return kwargs
+
+
+class Doorbell:
+    """Wakes the leader after a commit: coalesced, fire-and-forget, one PUBLISH in flight."""
+
+    def __init__(self, redis: Redis, channel: str) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._rung = asyncio.Event()
+
+    def ring(self) -> None:
+        self._rung.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._rung.wait()
+            self._rung.clear()
+            # The leader's timed sweep is the guarantee; the bell is only speed.
+            with contextlib.suppress(*REDIS_DOWN):
+                await self._redis.publish(self._channel, b"1")
+
+
+class Relay:
+    """Elect, then publish outbox rows in (user, seq) order and delete what Redis has."""
+
+    def __init__(
+        self,
+        postgres: PostgresSettings,
+        relay: RelaySettings,
+        stream: StreamSettings,
+        redis: Redis,
+        keyspace: Keys,
+    ) -> None:
+        self._postgres = postgres
+        self._settings = relay
+        self._stream = stream
+        self._redis = redis
+        self._keys = keyspace
+        self.is_leader = False
+        self.published = 0  # events published by this process (a counter for /metrics)
+
+    async def run(self) -> None:
+        """Forever: connect, try to lead, publish while leading; back off on any failure."""
+        backoff = 0.1
+        while True:
+            try:
+                async with (
+                    aiopg.connect(**_session_options(self._postgres, self._settings)) as conn,
+                    conn.cursor() as cur,
+                ):
+                    while True:
+                        await cur.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
+                        if (await cur.fetchone())[0]:
+                            await self._lead(cur)
+                        backoff = 0.1
+                        if stop_requested():
+                            raise asyncio.CancelledError()
+                        await asyncio.sleep(self._settings.sweep_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if stop_requested():
+                    raise asyncio.CancelledError() from exc
+                if self.is_leader:
+                    log.warning("relay leader stepping down: %r", exc)
+                else:
+                    log.debug("relay election failed: %r", exc)
+            finally:
+                self.is_leader = False
+            if stop_requested():
+                raise asyncio.CancelledError()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._settings.max_backoff)
+
+    async def _lead(self, cur: Any) -> None:
+        """Publish until something fails; every sweep's queries also keep the lease alive."""
+        log.info("relay: this process is the leader")
+        self.is_leader = True
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            subscribed = False
+            while not stop_requested():
+                if not subscribed:
+                    with contextlib.suppress(*REDIS_DOWN):
+                        await pubsub.subscribe(self._keys.doorbell())
+                        subscribed = True
+                if await self.publish_batch(cur) < self._settings.batch_size:
+                    subscribed = await self._wait_for_work(pubsub, subscribed)
+        finally:
+            with contextlib.suppress(*REDIS_DOWN):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _wait_for_work(self, pubsub: Any, subscribed: bool) -> bool:
+        """Until a doorbell or the sweep interval; False when the subscription broke."""
+        interval = self._settings.sweep_interval
+        if not subscribed:
+            await asyncio.sleep(interval)
+            return False
+        try:
+            # get_message bounds its own wait: no outer timeout (see stop_requested).
+            if await pubsub.get_message(timeout=interval):
+                while await pubsub.get_message(timeout=0):
+                    pass  # coalesce a burst of rings into one sweep
+        except REDIS_DOWN:
+            await pubsub.reset()
+            return False
+        return True
+
+    async def publish_batch(self, cur: Any) -> int:
+        """Publish one batch of outbox rows; return how many rows were handled."""
+        rows = await store.fetch_outbox(cur, self._settings.batch_size)
+        if not rows:
+            return 0
+        events = [encode_event(row) for row in rows]
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for event in events:
+                    fields = entry_fields(event)
+                    pipe.xadd(
+                        self._keys.events(event.user_id),
+                        fields,
+                        id=event_id(event.seq),
+                        maxlen=self._stream.maxlen,
+                        approximate=True,
+                    )
+                    # Sent even when the per-user entry exists already: a relay that died
+                    # between the two must not leave live subscribers waiting.
+                    pipe.xadd(
+                        self._keys.firehose(),
+                        fields,
+                        maxlen=self._stream.firehose_maxlen,
+                        approximate=True,
+                    )
+                results = await pipe.execute(raise_on_error=False)
+        except REDIS_DOWN as exc:
+            log.warning(
+                "relay: redis unavailable, %d event(s) wait in the outbox: %s", len(rows), exc
+            )
+            await asyncio.sleep(self._settings.max_backoff / 5)
+            return 0
+        for result in results:
+            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
+                raise result  # anything but "already published" is a real fault
+        await store.delete_outbox(cur, [(row.user_id, row.seq) for row in rows])
+        self.published += len(rows)
+        return len(rows)
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The doorbell and the relay loop run in every replica; only the leader publishes."""
+    settings = app[keys.SETTINGS]
+    keyspace = Keys(settings.redis.namespace)
+    redis = app[keys.REDIS]
+    doorbell = Doorbell(redis, keyspace.doorbell())
+    relay = Relay(settings.postgres, settings.relay, settings.stream, redis, keyspace)
+    app[keys.DOORBELL] = doorbell
+    app[keys.RELAY] = relay
+    tasks = [
+        asyncio.create_task(doorbell.run(), name="taskd-doorbell"),
+        asyncio.create_task(relay.run(), name="taskd-relay"),
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,150 @@
+"""Live updates: Server-Sent Events and WebSocket, both fed by the hub's `Feed`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import WSMsgType, web
+from aiohttp_sse import EventSourceResponse
+
+from taskd import keys
+from taskd.auth import query_token
+from taskd.errors import ApiError, Forbidden
+from taskd.hub import Closed, Feed, Item, Reset, open_feed
+from taskd.streams import REDIS_DOWN, event_id
+from taskd.views.common import public_origin
+
+log = logging.getLogger(__name__)
+
+REAUTH = json.dumps({"type": "reauth"})
+PONG = json.dumps({"type": "pong"})
+# Close codes: the client should reconnect (and resume) in every case but a protocol error.
+WS_TRY_AGAIN = 1013
+WS_REAUTH = 4001
+
+
+def _resume_id(request: web.Request, header: bool) -> str | None:
+    """Last-Event-ID (SSE reconnects) wins over `?last_event_id=`; empty counts as absent."""
+    value = request.headers.get("Last-Event-ID") if header else None
+    return value or request.query.get("last_event_id") or None
+
+
+async def _pump(
+    feed: Feed,
+    expires_at: int,
+    ping_interval: float,
+    connected: Callable[[], bool],
+    send: Callable[[Item], Awaitable[None]],
+) -> bool:
+    """Send items until the token expires (True) or the client goes away (False)."""
+    while connected():
+        remaining = expires_at - time.time()
+        if remaining <= 0:
+            return True
+        item = await feed.next(wait=min(remaining, ping_interval))
+        if item is not None:
+            await send(item)
+    return False
+
+
+@query_token
+async def sse(request: web.Request) -> web.StreamResponse:
+    settings = request.app[keys.SETTINGS].stream
+    feed = await open_feed(request.app, request[keys.USER_ID], _resume_id(request, header=True))
+    resp = EventSourceResponse(
+        ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
+    )
+    try:
+        await resp.prepare(request)
+        await resp.write(f"retry: {settings.retry_ms}\n\n".encode())
+
+        async def send(item: Item) -> None:
+            if isinstance(item, Reset):
+                await resp.send(item.data, id=event_id(item.position), event="reset")
+            else:
+                await resp.send(item.data, id=event_id(item.seq), event=item.type)
+
+        expired = await _pump(
+            feed, request[keys.TOKEN_EXPIRES], settings.ping_interval, resp.is_connected, send
+        )
+        if expired:
+            await resp.send(REAUTH, event="reauth")
+    except Closed as closed:
+        log.debug("sse stream closed by the hub: %s", closed)
+    except (ApiError, *REDIS_DOWN, ConnectionResetError) as exc:
+        # Headers are out: end the stream; the client resumes with its Last-Event-ID.
+        log.info("sse stream ended: %r", exc)
+    finally:
+        feed.close()
+    return resp
+
+
+def _check_origin(request: web.Request) -> None:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return  # not a browser
+    allowed = {public_origin(request), *request.app[keys.SETTINGS].http.allowed_origins}
+    if origin.rstrip("/").lower() not in {o.lower() for o in allowed}:
+        raise Forbidden("Cross-origin WebSocket connections are not allowed.")
+
+
+@query_token
+async def ws(request: web.Request) -> web.StreamResponse:
+    _check_origin(request)
+    settings = request.app[keys.SETTINGS].stream
+    feed = await open_feed(request.app, request[keys.USER_ID], _resume_id(request, header=False))
+    socket = web.WebSocketResponse(heartbeat=settings.ping_interval, max_msg_size=64 * 1024)
+    lock = asyncio.Lock()  # the reader answers pings while the writer sends events
+
+    async def send_text(text: str) -> None:
+        async with lock, asyncio.timeout(settings.send_timeout):
+            await socket.send_str(text)
+
+    async def write() -> None:
+        code = WS_TRY_AGAIN
+        try:
+            expired = await _pump(
+                feed,
+                request[keys.TOKEN_EXPIRES],
+                settings.ping_interval,
+                lambda: not socket.closed,
+                lambda item: send_text(item.data),
+            )
+            if expired:
+                await send_text(REAUTH)
+                code = WS_REAUTH
+        except Closed as closed:
+            code = 1012 if closed.args and closed.args[0] == "shutdown" else WS_TRY_AGAIN
+        except (ApiError, *REDIS_DOWN, ConnectionResetError, TimeoutError) as exc:
+            log.info("websocket stream ended: %r", exc)
+        await socket.close(code=code)
+
+    writer = None
+    try:
+        await socket.prepare(request)
+        writer = asyncio.create_task(write())
+        async for message in socket:
+            if message.type == WSMsgType.TEXT and _is_ping(message.data):
+                await send_text(PONG)
+            else:
+                await send_text(json.dumps({"type": "error", "detail": "Unsupported message."}))
+    except (ConnectionResetError, TimeoutError) as exc:
+        log.debug("websocket reader ended: %r", exc)
+    finally:
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        feed.close()
+    return socket
+
+
+def _is_ping(text: str) -> bool:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "ping"

@@ -1,0 +1,85 @@
+"""Real live-update clients for tests: an SSE reader over aiohttp and WebSocket helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+WAIT = 15.0  # upper bound for an awaited event; tests never sleep for a fixed time
+
+
+@dataclass
+class SseEvent:
+    id: str | None
+    event: str
+    data: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+    @property
+    def seq(self) -> int:
+        assert self.id is not None
+        return int(self.id.split("-")[0])
+
+
+@dataclass
+class SseStream:
+    """Parses `text/event-stream` as a browser's EventSource does."""
+
+    response: aiohttp.ClientResponse
+    retry: int | None = None
+    comments: list[str] = field(default_factory=list)
+
+    async def _line(self) -> str | None:
+        raw = await self.response.content.readline()
+        if not raw:
+            return None  # the server ended the stream
+        return raw.decode().rstrip("\r\n")
+
+    async def next(self, wait: float = WAIT) -> SseEvent | None:
+        """The next event (None when the stream ends); comments and `retry:` are recorded."""
+        async with asyncio.timeout(wait):
+            fields: dict[str, str] = {}
+            data: list[str] = []
+            while True:
+                line = await self._line()
+                if line is None:
+                    return None
+                if line == "":
+                    if data or fields:
+                        return SseEvent(
+                            fields.get("id"), fields.get("event", "message"), "\n".join(data)
+                        )
+                    continue
+                if line.startswith(":"):
+                    self.comments.append(line[1:].strip())
+                    continue
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "data":
+                    data.append(value)
+                elif name == "retry":
+                    self.retry = int(value)
+                else:
+                    fields[name] = value
+
+    async def take(self, count: int, wait: float = WAIT) -> list[SseEvent]:
+        events = []
+        for _ in range(count):
+            event = await self.next(wait)
+            assert event is not None, f"stream ended after {events}"
+            events.append(event)
+        return events
+
+    async def ends(self, wait: float = WAIT) -> list[SseEvent]:
+        """Read until the server ends the stream; return what came before."""
+        events = []
+        while (event := await self.next(wait)) is not None:
+            events.append(event)
+        return events
