@@ -130,6 +130,7 @@ class Hub:
             socket_connect_timeout=self._redis_settings.timeout,
             socket_keepalive=True,
             single_connection_client=True,
+            client_name=f"taskd:{self._keys.namespace}:hub",
         )
 
     async def run(self) -> None:

@@ -78,6 +78,7 @@ def make_redis(settings: RedisSettings) -> Redis:
         socket_connect_timeout=settings.timeout,
         protocol=3,
         retry=Retry(NoBackoff(), 1),
+        client_name=f"taskd:{settings.namespace}",  # CLIENT LIST shows whose connections
     )
     return Redis(connection_pool=pool)
 

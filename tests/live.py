@@ -37,7 +37,10 @@ class SseStream:
     comments: list[str] = field(default_factory=list)
 
     async def _line(self) -> str | None:
-        raw = await self.response.content.readline()
+        try:
+            raw = await self.response.content.readline()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            return None  # the server cut the connection (a browser would reconnect)
         if not raw:
             return None  # the server ended the stream
         return raw.decode().rstrip("\r\n")
