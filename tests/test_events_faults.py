@@ -29,7 +29,7 @@ RECOVERY = 30.0  # bound on waiting for a reconnect with back-off; not a goal
 async def eventually(probe: Callable[[], Awaitable[bool]], limit: float = RECOVERY) -> None:
     """Retry `probe` until it holds: for recoveries that no event announces to a client."""
     async with asyncio.timeout(limit):
-        while not await probe():
+        while not await probe():  # noqa: ASYNC110 - nothing to await: the server is polled
             await asyncio.sleep(0.1)
 
 
@@ -159,7 +159,8 @@ class Replica:
         await self.wait_for("taskd is serving at")
 
     async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         while line := (await self.proc.stdout.readline()).decode():
             self.output.append(line)
             for text, seen in self._seen.items():
