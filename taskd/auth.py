@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 from taskd import keys
 from taskd.config import AuthSettings
 from taskd.errors import NotAuthenticated, TokenInvalid
-from taskd.schemas import PASSWORD_MAX_BYTES
+from taskd.schemas import PASSWORD_MAX_BYTES, canonical_id
 
 TokenType = Literal["access", "refresh"]
 REQUIRED_CLAIMS = ["sub", "type", "jti", "iat", "exp"]
@@ -43,10 +43,19 @@ def query_token(handler: F) -> F:
 class Passwords:
     """bcrypt in a bounded thread pool: ~100-300 ms of CPU per call never runs on the loop."""
 
-    def __init__(self, executor: ThreadPoolExecutor, rounds: int) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, rounds: int, dummy_hash: bytes) -> None:
         self._executor = executor
         self._rounds = rounds
-        self._dummy_hash: bytes | None = None
+        self._dummy_hash = dummy_hash  # at the current cost: checked when there is no account
+
+    @classmethod
+    async def start(cls, executor: ThreadPoolExecutor, rounds: int) -> Passwords:
+        """A checker whose dummy hash is made now, so no login pays for it (or races to)."""
+        salt = bcrypt.gensalt(rounds)
+        dummy = await asyncio.get_running_loop().run_in_executor(
+            executor, bcrypt.hashpw, uuid.uuid4().hex.encode(), salt
+        )
+        return cls(executor, rounds, dummy)
 
     async def _run(self, fn: Callable[..., bytes | bool], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -55,13 +64,18 @@ class Passwords:
         salt = bcrypt.gensalt(self._rounds)
         return bytes(await self._run(bcrypt.hashpw, password.encode(), salt))
 
+    def needs_rehash(self, hashed: bytes) -> bool:
+        """Whether a stored hash (`$2b$NN$...`) has another cost than the configured one."""
+        return hashed[4:7] != b"%02d$" % self._rounds
+
     async def verify(self, password: str, hashed: bytes | None) -> bool:
         """Check a password; with no hash (unknown user) spend the same time and fail."""
-        if self._dummy_hash is None:
-            self._dummy_hash = await self.hash(uuid.uuid4().hex)
-        candidate = password.encode()
-        if len(candidate) > PASSWORD_MAX_BYTES:
-            # No account can have it (bcrypt 5 raises on it); still spend a check.
+        try:
+            candidate: bytes | None = password.encode()
+        except UnicodeEncodeError:  # a lone surrogate, which registration refuses
+            candidate = None
+        if candidate is None or len(candidate) > PASSWORD_MAX_BYTES:
+            # No account can have it (bcrypt 5 raises on over-long ones); still spend a check.
             candidate, hashed = b"x", None
         ok = bool(await self._run(bcrypt.checkpw, candidate, hashed or self._dummy_hash))
         return ok and hashed is not None
@@ -108,9 +122,10 @@ class Tokens:
             if claims["type"] != kind:
                 raise TokenInvalid(f"Token has wrong type: {kind} token required.")
             sub, exp = claims["sub"], claims["exp"]
-            if not isinstance(sub, str) or not sub.isdigit() or not isinstance(exp, int):
+            user_id = canonical_id(sub) if isinstance(sub, str) else None
+            if user_id is None or not isinstance(exp, int):
                 raise TokenInvalid()
-            return Claims(int(sub), uuid.UUID(str(claims["jti"])), exp)
+            return Claims(user_id, uuid.UUID(str(claims["jti"])), exp)
         except jwt.ExpiredSignatureError:
             raise TokenInvalid("Token is expired.") from None
         except (jwt.InvalidTokenError, ValueError, TypeError):
@@ -149,9 +164,9 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS].auth
     executor = ThreadPoolExecutor(settings.bcrypt_threads, thread_name_prefix="bcrypt")
     app[keys.BCRYPT_EXECUTOR] = executor
-    app[keys.PASSWORDS] = Passwords(executor, settings.bcrypt_rounds)
     app[keys.TOKENS] = Tokens(settings)
     try:
+        app[keys.PASSWORDS] = await Passwords.start(executor, settings.bcrypt_rounds)
         yield
     finally:
         executor.shutdown(wait=True, cancel_futures=True)

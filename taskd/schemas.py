@@ -9,7 +9,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 from pydantic_core import ErrorDetails
 
 from taskd.errors import NON_FIELD, ValidationFailed
@@ -26,6 +33,26 @@ OFFSET_MAX = 2**62  # far past any real list; keeps the value inside Postgres' b
 ORDERINGS = ("id", "created_at", "updated_at", "title")
 READ_ONLY_FIELDS = frozenset({"id", "user", "created_at", "updated_at", "version"})
 USERNAME_RE = re.compile(r"^[\w.@+-]+\Z")
+BIGINT_MAX = 2**63 - 1
+CANONICAL_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
+
+
+def text_problem(value: str) -> str | None:
+    """Why Postgres cannot hold this text (a NUL, a lone surrogate), in DRF's words; else None."""
+    if "\x00" in value:
+        return "Null characters are not allowed."
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "Invalid unicode: lone surrogate."
+    return None
+
+
+def canonical_id(raw: str) -> int | None:
+    """A positive bigint in canonical decimal (ASCII, no sign, no leading zero); else None."""
+    if CANONICAL_ID_RE.fullmatch(raw) and (value := int(raw)) <= BIGINT_MAX:
+        return value
+    return None
 
 
 class _Body(BaseModel):
@@ -33,9 +60,12 @@ class _Body(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _not_null(cls, value: Any) -> Any:
+    def _present_and_storable(cls, value: Any) -> Any:
         if value is None:
             raise ValueError("This field may not be null.")
+        # Postgres refuses both: a 400 on the field here, not a 500 from psycopg2 later.
+        if isinstance(value, str) and (problem := text_problem(value)):
+            raise ValueError(problem)
         return value
 
 
@@ -121,8 +151,24 @@ def password_problems(password: str, username: str) -> list[str]:
 
 
 class Login(_Body):
+    """Credentials as typed: no length or text rules, which would tell a guesser why it failed."""
+
     username: Annotated[str, StringConstraints(min_length=1)]
     password: Annotated[str, StringConstraints(min_length=1)]
+
+    @field_validator("username", "password", mode="wrap")
+    @classmethod
+    def _any_text(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Text no account can have (a NUL, a lone surrogate) skips the 400s of `_Body` and of
+        # pydantic's own str check, which refuses a lone surrogate: the view answers it with 401.
+        if isinstance(value, str) and text_problem(value):
+            return value
+        return handler(value)
+
+    @property
+    def possible_username(self) -> bool:
+        """Whether some account could have this username (else there is nothing to look up)."""
+        return len(self.username) <= USERNAME_MAX and text_problem(self.username) is None
 
 
 class RefreshIn(_Body):
@@ -173,6 +219,26 @@ def validate_body(model: type[M], data: object) -> M:
         raise ValidationFailed(errors) from None
 
 
+def validate_register(data: object) -> Register:
+    """Validate a registration: field errors and password rules come back in one 400."""
+    errors: dict[str, list[str]] = {}
+    body: Register | None = None
+    try:
+        body = validate_body(Register, data)
+    except ValidationFailed as exc:
+        errors = exc.errors
+    raw = data if isinstance(data, dict) else {}
+    password, username = raw.get("password"), raw.get("username")
+    # Checked on the raw body, so a bad username does not hide the password's problems.
+    if isinstance(password, str) and "password" not in errors:
+        similar_to = username if isinstance(username, str) else ""
+        if problems := password_problems(password, similar_to):
+            errors["password"] = problems
+    if body is None or errors:
+        raise ValidationFailed(errors)
+    return body
+
+
 @dataclass(frozen=True, slots=True)
 class ListQuery:
     limit: int
@@ -206,9 +272,12 @@ def parse_list_query(query: Mapping[str, str]) -> ListQuery:
     ordering = query.get("ordering") or "-created_at"
     if ordering.removeprefix("-") not in ORDERINGS:
         errors["ordering"] = [f"Must be one of: {', '.join(ORDERINGS)}, optionally with '-'."]
+    search = query.get("search") or None
+    if search is not None and (problem := text_problem(search)):
+        errors["search"] = [problem]
     if errors:
         raise ValidationFailed(errors)
-    return ListQuery(limit, offset, done, query.get("search") or None, ordering)
+    return ListQuery(limit, offset, done, search, ordering)
 
 
 def timestamp(value: datetime) -> str:

@@ -65,6 +65,8 @@ RETURNING id, username, email
 USERNAME_EXISTS = "SELECT 1 FROM users WHERE lower(username) = lower(%s)"
 GET_USER = "SELECT id, username, email FROM users WHERE id = %s"
 GET_CREDENTIALS = "SELECT id, password_hash FROM users WHERE lower(username) = lower(%s)"
+# Only over the hash that was checked: a concurrent change of it wins.
+UPDATE_PASSWORD_HASH = "UPDATE users SET password_hash = %s WHERE id = %s AND password_hash = %s"
 
 
 async def username_exists(cur: Cursor, username: str) -> bool:
@@ -93,6 +95,12 @@ async def get_credentials(cur: Cursor, username: str) -> Credentials | None:
     await cur.execute(GET_CREDENTIALS, (username,))
     row = await cur.fetchone()
     return Credentials(row[0], row[1].encode()) if row else None
+
+
+async def update_password_hash(cur: Cursor, credentials: Credentials, new_hash: bytes) -> None:
+    """Replace the hash just checked (e.g. at a new bcrypt cost); a no-op if it changed since."""
+    params = (new_hash.decode(), credentials.user_id, credentials.password_hash.decode())
+    await cur.execute(UPDATE_PASSWORD_HASH, params)
 
 
 # --- refresh tokens --------------------------------------------------------------------------

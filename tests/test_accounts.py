@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import bcrypt
+import psycopg2
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import PASSWORD, User, UserFactory
+from taskd.app import create_app
+from tests.conftest import PASSWORD, ClientFactory, SettingsFactory, User, UserFactory
 
 Client = TestClient[web.Request, web.Application]
 
@@ -74,6 +77,12 @@ async def test_concurrent_registrations_of_one_name_make_one_account(client: Cli
         ({"username": "eve", "password": PASSWORD, "email": "nope"}, "email", "valid email"),
         ({"username": "eve", "password": PASSWORD, "is_staff": True}, "is_staff", "Unknown"),
         ({"username": 7, "password": PASSWORD}, "username", "string"),
+        ({"username": "e\u0000ve", "password": PASSWORD}, "username", "Null characters"),
+        ({"username": "eve", "password": PASSWORD + "\u0000"}, "password", "Null characters"),
+        ({"username": "eve", "password": PASSWORD, "email": "e\u0000@x.org"}, "email", "Null"),
+        ({"username": "eve\ud800", "password": PASSWORD}, "username", "lone surrogate"),
+        ({"username": "eve", "password": "\udc00" + PASSWORD}, "password", "lone surrogate"),
+        ({"username": "eve", "password": PASSWORD, "email": "\ud800@x.org"}, "email", "surrogate"),
     ],
 )
 async def test_register_validation(client: Client, body: Any, field: str, fragment: str) -> None:
@@ -89,6 +98,15 @@ async def test_every_password_problem_is_reported(client: Client) -> None:
     assert len(body["password"]) == 3  # short, numeric, same as the username
 
 
+async def test_field_errors_and_password_problems_come_together(client: Client) -> None:
+    status, body, _ = await post(
+        client, "/api/register/", {"username": "bad user!", "password": "1"}
+    )
+    assert status == 400
+    assert set(body) == {"username", "password"}
+    assert len(body["password"]) == 2  # short, numeric
+
+
 async def test_login_issues_tokens_not_cached(alice: User, client: Client) -> None:
     status, body, headers = await post(
         client, "/api/login/", {"username": "ALICE", "password": PASSWORD}
@@ -100,7 +118,19 @@ async def test_login_issues_tokens_not_cached(alice: User, client: Client) -> No
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [("alice", "wrong password"), ("nobody", PASSWORD), ("alice", "x" * 200), ("alice", "é" * 40)],
+    [
+        ("alice", "wrong password"),
+        ("nobody", PASSWORD),
+        ("alice", "x" * 200),
+        ("alice", "é" * 40),
+        ("alice", "x" * 100_000),
+        ("x" * 151, PASSWORD),
+        ("x" * 100_000, PASSWORD),
+        ("ali\u0000ce", PASSWORD),
+        ("alice\ud800", PASSWORD),
+        ("alice", PASSWORD + "\u0000"),
+        ("alice", PASSWORD + "\ud800"),
+    ],
 )
 async def test_login_failures_look_the_same(
     alice: User, client: Client, username: str, password: str
@@ -114,6 +144,46 @@ async def test_login_failures_look_the_same(
         "code": "no_active_account",
     }
     assert headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_unknown_user_login_hashes_nothing(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dummy hash an unknown user is checked against was made at start-up."""
+    calls = []
+    real_hashpw = bcrypt.hashpw
+
+    def counting_hashpw(password: bytes, salt: bytes) -> bytes:
+        calls.append(salt)
+        return real_hashpw(password, salt)
+
+    monkeypatch.setattr(bcrypt, "hashpw", counting_hashpw)
+    status, _, _ = await post(client, "/api/login/", {"username": "nobody", "password": "x"})
+    assert (status, calls) == (401, [])
+
+
+async def test_login_upgrades_a_hash_of_another_cost(
+    client: Client,
+    aiohttp_client: ClientFactory,
+    make_settings: SettingsFactory,
+    database_dsn: str,
+) -> None:
+    def stored_hash() -> str:
+        with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT password_hash FROM users WHERE username = 'carol'")
+            (value,) = cur.fetchone()
+        conn.close()
+        return str(value)
+
+    credentials = {"username": "carol", "password": PASSWORD}
+    assert (await post(client, "/api/register/", credentials))[0] == 201
+    assert stored_hash().startswith("$2b$04$")
+    costlier = await aiohttp_client(create_app(make_settings(auth={"bcrypt_rounds": 5})))
+    assert (await post(costlier, "/api/login/", credentials))[0] == 200
+    upgraded = stored_hash()
+    assert upgraded.startswith("$2b$05$")
+    assert (await post(costlier, "/api/login/", credentials))[0] == 200
+    assert stored_hash() == upgraded  # at the configured cost already: left alone
 
 
 async def test_login_requires_both_fields(client: Client) -> None:
@@ -190,6 +260,8 @@ async def test_logout_needs_no_access_token(make_user: UserFactory, client: Clie
         ({}, 400, "refresh"),
         ({"refresh": 5}, 400, "refresh"),
         ({"refresh": None}, 400, "refresh"),
+        ({"refresh": "a\u0000b"}, 400, "refresh"),
+        ({"refresh": "\ud800"}, 400, "refresh"),
         ({"refresh": "not-a-jwt"}, 401, "code"),
     ],
 )

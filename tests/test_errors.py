@@ -58,6 +58,16 @@ async def test_a_body_that_is_not_an_object_is_400(alice: User, payload: bytes, 
             {"title": "x", "description": "d" * 10_001},
             {"description": ["Ensure this field has no more than 10000 characters."]},
         ),
+        ({"title": "a\u0000b"}, {"title": ["Null characters are not allowed."]}),
+        ({"title": "\ud800abc"}, {"title": ["Invalid unicode: lone surrogate."]}),
+        (
+            {"title": "x", "description": "\u0000"},
+            {"description": ["Null characters are not allowed."]},
+        ),
+        (
+            {"title": "x", "description": "abc\udfff"},
+            {"description": ["Invalid unicode: lone surrogate."]},
+        ),
         ({"title": "x", "done": "yes"}, {"done": ["Must be a valid boolean."]}),
         ({"title": "x", "done": 1}, {"done": ["Must be a valid boolean."]}),
         ({"title": "x", "colour": "red"}, {"colour": ["Unknown field."]}),
@@ -82,6 +92,17 @@ async def test_boundaries_are_accepted(alice: User) -> None:
     assert status == 201, body
 
 
+@pytest.mark.parametrize("text", ["a\u0000b", "\ud800abc"], ids=["nul", "lone-surrogate"])
+async def test_text_postgres_cannot_hold_is_400_on_update(alice: User, text: str) -> None:
+    task = await alice.create_task("x")
+    url = f"/api/tasks/{task['id']}/"
+    for method in ("PUT", "PATCH"):
+        status, body, _ = await alice.call(method, url, {"title": "ok", "description": text})
+        assert (status, list(body)) == (400, ["description"]), method
+    _, after, _ = await alice.call("GET", url)
+    assert after == task
+
+
 async def test_invalid_patch_changes_nothing(alice: User) -> None:
     task = await alice.create_task("x")
     url = f"/api/tasks/{task['id']}/"
@@ -102,7 +123,21 @@ async def test_method_not_allowed_is_405_with_allow(alice: User) -> None:
     status, body, headers = await alice.call("DELETE", "/api/tasks/")
     assert status == 405
     assert body == {"detail": 'Method "DELETE" not allowed.', "code": "method_not_allowed"}
-    assert set(headers["Allow"].split(", ")) == {"GET", "POST"}
+    assert set(headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
+async def test_head_is_allowed_where_get_is(alice: User) -> None:
+    task = await alice.create_task("x")
+    for path in ("/api/me/", "/api/tasks/", f"/api/tasks/{task['id']}/"):
+        status, body, headers = await alice.call("HEAD", path)
+        assert (status, body) == (200, None), path
+    assert headers["ETag"] == '"1"'
+
+
+@pytest.mark.parametrize("path", ["/api/stream/", "/api/ws/"])
+async def test_head_is_not_allowed_on_live_routes(alice: User, path: str) -> None:
+    status, _, _ = await alice.call("HEAD", path)
+    assert status == 405
 
 
 async def test_unknown_route_is_json_404(client: TestClient[web.Request, web.Application]) -> None:

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from taskd.errors import ValidationFailed
+from taskd.schemas import parse_list_query
 from tests.conftest import User, UserFactory
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -42,6 +44,26 @@ async def test_retrieve_with_matching_if_none_match_is_304(alice: User) -> None:
     headers = {"If-None-Match": '"1"'}
     status, _, _ = await alice.call("GET", f"/api/tasks/{task['id']}/", headers=headers)
     assert status == 304
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        ('W/"1"', 304),
+        ('"7", "1"', 304),
+        ('"7", W/"1"', 304),
+        ("*", 304),
+        ('"2"', 200),
+        ('"01"', 200),
+        ('"\u0661"', 200),
+        ('"' + "1" * 5000 + '"', 200),
+    ],
+)
+async def test_if_none_match_compares_weakly(alice: User, header: str, status: int) -> None:
+    task = await alice.create_task("x")
+    url = f"/api/tasks/{task['id']}/"
+    got, _, headers = await alice.call("GET", url, headers={"If-None-Match": header})
+    assert (got, headers["ETag"]) == (status, '"1"')
 
 
 async def test_patch_changes_only_given_fields_and_bumps_version(alice: User) -> None:
@@ -130,7 +152,10 @@ async def test_if_match(alice: User) -> None:
     assert status == 412
     status, _, _ = await alice.call("DELETE", url, headers={"If-Match": 'W/"3"'})
     assert status == 412  # a weak tag never matches If-Match
-    status, _, _ = await alice.call("DELETE", url, headers={"If-Match": '"3"'})
+    for spelling in ('"03"', '"\u0663"', '"' + "3" * 5000 + '"', "3", '"3'):
+        status, _, _ = await alice.call("DELETE", url, headers={"If-Match": spelling})
+        assert status == 412, spelling  # only the canonical tag names version 3
+    status, _, _ = await alice.call("DELETE", url, headers={"If-Match": '"7", "3"'})
     assert status == 204
     # A task that does not exist is a 404 before any precondition.
     status, _, _ = await alice.call("DELETE", url, headers={"If-Match": '"3"'})
@@ -152,8 +177,12 @@ async def test_a_stranger_sees_404_and_changes_nothing(alice: User, bob: User) -
     assert body == task
 
 
-@pytest.mark.parametrize("bad_id", ["abc", "1e3", "99999999999", "0", "-1", "9" * 30, "\u0661"])
+@pytest.mark.parametrize(
+    "bad_id", ["abc", "1e3", "99999999999", "0", "-1", "9" * 30, "\u0661", "0{id}", "00{id}"]
+)
 async def test_an_id_that_is_not_a_task_is_404(alice: User, bad_id: str) -> None:
+    task = await alice.create_task("x")
+    bad_id = bad_id.format(id=task["id"])  # leading zeros before a real id
     for method in ("GET", "PATCH", "DELETE"):
         status, body, _ = await alice.call(method, f"/api/tasks/{bad_id}/", {})
         assert status == 404, (method, bad_id)
@@ -291,6 +320,34 @@ async def test_bad_list_parameter_is_400_on_it(alice: User, query: str, field: s
     assert status == 400
     assert list(body) == [field]
     assert isinstance(body[field], list)
+
+
+@pytest.mark.parametrize("search", ["a\u0000b", "\u0000"])
+async def test_search_with_a_nul_is_400_on_it(alice: User, search: str) -> None:
+    status, body, _ = await alice.call("GET", "/api/tasks/", params={"search": search})
+    assert (status, body) == (400, {"search": ["Null characters are not allowed."]})
+
+
+def test_search_with_a_lone_surrogate_is_refused() -> None:
+    # yarl decodes the URL with replacement characters, so only a direct call can send one.
+    with pytest.raises(ValidationFailed) as caught:
+        parse_list_query({"search": "a\ud800"})
+    assert caught.value.errors == {"search": ["Invalid unicode: lone surrogate."]}
+
+
+async def test_a_repeated_list_parameter_counts_by_its_last_value(alice: User) -> None:
+    for i in range(3):
+        await alice.create_task(f"t{i}")
+    status, body, _ = await alice.call("GET", "/api/tasks/?limit=2&limit=abc")
+    assert (status, list(body)) == (400, ["limit"])
+    status, body, _ = await alice.call(
+        "GET", "/api/tasks/?limit=abc&limit=1&ordering=x&ordering=id"
+    )
+    assert status == 200
+    assert [t["title"] for t in body["results"]] == ["t0"]
+    assert "limit=1" in body["next"]
+    assert "ordering=id" in body["next"]
+    assert "ordering=x" not in body["next"]
 
 
 async def test_unknown_list_parameters_are_ignored(alice: User) -> None:

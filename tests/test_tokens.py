@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -99,6 +100,32 @@ async def test_malformed_authorization_header(alice: User, header: str) -> None:
         assert resp.status == 401
         assert (await resp.json())["code"] == "token_not_valid"
         assert "invalid_token" in resp.headers["WWW-Authenticate"]
+
+
+def _digits(user: User, zero: str) -> str:
+    return "".join(chr(ord(zero) + int(d)) for d in str(user.id))
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        lambda u: f"0{u.id}",
+        lambda u: _digits(u, "\uff10"),  # fullwidth
+        lambda u: _digits(u, "\u0660"),  # Arabic-Indic
+        lambda u: f" {u.id}",
+        lambda u: f"+{u.id}",
+        lambda u: str(2**63),
+        lambda u: "9" * 30,
+        lambda u: "0",
+    ],
+    ids=["leading-zero", "fullwidth", "arabic-indic", "space", "plus", "past-bigint", "huge", "0"],
+)
+async def test_a_sub_that_is_not_a_canonical_id_is_refused(
+    alice: User, settings: Settings, sub: Callable[[User], str]
+) -> None:
+    token = jwt.encode(claims(alice, sub=sub(alice)), secret(settings), algorithm="HS256")
+    status, body = await status_with(alice, token)
+    assert (status, body["code"]) == (401, "token_not_valid")
 
 
 async def test_query_token_is_not_accepted_on_rest_routes(alice: User) -> None:

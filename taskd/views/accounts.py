@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 from aiohttp import web
@@ -9,14 +10,7 @@ from aiohttp import web
 from taskd import db, keys, store
 from taskd.auth import public
 from taskd.errors import LoginFailed, NotAuthenticated, TokenInvalid, ValidationFailed
-from taskd.schemas import (
-    Login,
-    RefreshIn,
-    Register,
-    password_problems,
-    user_body,
-    validate_body,
-)
+from taskd.schemas import Login, RefreshIn, user_body, validate_body, validate_register
 from taskd.views.common import client_address, read_json
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -37,9 +31,7 @@ async def register(request: web.Request) -> web.Response:
     app = request.app
     limits = app[keys.SETTINGS].throttle
     await app[keys.THROTTLE].hit("register", client_address(request), limits.register_per_address)
-    body = validate_body(Register, await read_json(request))
-    if problems := password_problems(body.password, body.username):
-        raise ValidationFailed({"password": problems})
+    body = validate_register(await read_json(request))
     async with db.cursor(app[keys.PG_POOL]) as cur:
         # A cheap early answer; the unique index decides under a race.
         if await store.username_exists(cur, body.username):
@@ -53,6 +45,14 @@ async def register(request: web.Request) -> web.Response:
     return web.json_response(user_body(user), status=201)
 
 
+def _username_ident(username: str) -> str:
+    """The per-username throttle identity: a digest of the name, case-folded as lookups are."""
+    # Login takes any username (a 400 would tell why it fails): hashed, even 1 MiB, a NUL or a
+    # lone surrogate makes a short key Redis can encode, and no client text sits in Redis.
+    folded = username.lower().encode("utf-8", "surrogatepass")
+    return hashlib.sha256(folded).hexdigest()
+
+
 @public
 async def login(request: web.Request) -> web.Response:
     app = request.app
@@ -60,14 +60,23 @@ async def login(request: web.Request) -> web.Response:
     throttle = app[keys.THROTTLE]
     await throttle.hit("login-address", client_address(request), limits.login_per_address)
     body = validate_body(Login, await read_json(request))
-    await throttle.hit("login-username", body.username.lower(), limits.login_per_username)
-    async with db.cursor(app[keys.PG_POOL]) as cur:
-        credentials = await store.get_credentials(cur, body.username)
+    await throttle.hit("login-username", _username_ident(body.username), limits.login_per_username)
+    credentials = None
+    if body.possible_username:  # else a 401 like any other, after the same bcrypt check
+        async with db.cursor(app[keys.PG_POOL]) as cur:
+            credentials = await store.get_credentials(cur, body.username)
     hashed = credentials.password_hash if credentials else None
-    if not await app[keys.PASSWORDS].verify(body.password, hashed) or credentials is None:
+    passwords = app[keys.PASSWORDS]
+    if not await passwords.verify(body.password, hashed) or credentials is None:
         raise LoginFailed()
+    # At the configured cost, a login takes as long as one for an unknown user (dummy hash).
+    new_hash = None
+    if passwords.needs_rehash(credentials.password_hash):
+        new_hash = await passwords.hash(body.password)
     jti = uuid.uuid4()
     async with db.cursor(app[keys.PG_POOL]) as cur:
+        if new_hash is not None:
+            await store.update_password_hash(cur, credentials, new_hash)
         ttl = app[keys.TOKENS].ttl("refresh")
         await store.insert_refresh(cur, jti, credentials.user_id, ttl)
     return _tokens_response(request, credentials.user_id, jti)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -11,8 +12,11 @@ from yarl import URL
 
 from taskd import keys
 from taskd.errors import NON_FIELD, NotFound, ValidationFailed
+from taskd.schemas import canonical_id
 
-BIGINT_MAX = 2**63 - 1
+# Exactly what `etag` writes: any other spelling (leading zeros, non-ASCII digits, 5000 digits)
+# names no version.
+ETAG_RE = re.compile(r'"([1-9][0-9]{0,9})"')
 
 
 async def read_json(request: web.Request) -> Any:
@@ -26,24 +30,39 @@ async def read_json(request: web.Request) -> Any:
 
 
 def path_id(request: web.Request, name: str = "id") -> int:
-    """An id from the path: anything that is not a positive bigint is simply not found."""
-    raw = request.match_info[name]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 0 < int(raw) <= BIGINT_MAX:
+    """An id from the path: anything but a canonical positive bigint is simply not found."""
+    task_id = canonical_id(request.match_info[name])
+    if task_id is None:
         raise NotFound()
-    return int(raw)
+    return task_id
 
 
-def if_match(request: web.Request) -> set[int] | None:
-    """Versions acceptable to `If-Match` (strong tags only); None when absent or `*`."""
-    header = request.headers.get("If-Match")
-    if header is None or header.strip() == "*":
-        return None
+def _tag_versions(header: str, weak: bool) -> set[int]:
+    """The versions a list of entity tags names; `weak` also takes `W/"<n>"`."""
     versions = set()
     for tag in header.split(","):
         tag = tag.strip()
-        if len(tag) > 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
-            versions.add(int(tag[1:-1]))
-    return versions  # empty when nothing parsed: matches no version, so 412
+        if weak:
+            tag = tag.removeprefix("W/")
+        if found := ETAG_RE.fullmatch(tag):
+            versions.add(int(found[1]))
+    return versions
+
+
+def if_match(request: web.Request) -> set[int] | None:
+    """Versions acceptable to `If-Match` (strong comparison); None when absent or `*`."""
+    header = request.headers.get("If-Match")
+    if header is None or header.strip() == "*":
+        return None
+    return _tag_versions(header, weak=False)  # empty when nothing parsed: no version, so 412
+
+
+def if_none_match(request: web.Request, version: int) -> bool:
+    """Whether `If-None-Match` names this version or `*` (weak comparison, RFC 9110 13.1.2)."""
+    header = request.headers.get("If-None-Match")
+    if header is None:
+        return False
+    return header.strip() == "*" or version in _tag_versions(header, weak=True)
 
 
 def etag(version: int) -> str:

@@ -16,7 +16,7 @@ from taskd.schemas import (
     validate_body,
 )
 from taskd.store import Task
-from taskd.views.common import etag, if_match, path_id, public_url, read_json
+from taskd.views.common import etag, if_match, if_none_match, path_id, public_url, read_json
 
 STREAM_POSITION = "X-Stream-Position"
 
@@ -29,10 +29,9 @@ def _task_response(request: web.Request, task: Task, status: int = 200) -> web.R
 
 
 def _page_links(
-    request: web.Request, count: int, limit: int, offset: int
+    request: web.Request, query: dict[str, str], count: int, limit: int, offset: int
 ) -> tuple[str | None, str | None]:
     """DRF's limit/offset `next` and `previous`, keeping the other query parameters."""
-    query = dict(request.query)
     following = previous = None
     if offset + limit < count:
         following = public_url(
@@ -48,7 +47,9 @@ def _page_links(
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    q = parse_list_query(request.query)
+    # A repeated parameter counts by its last value (later pairs overwrite), as in Django.
+    query = dict(request.query.items())
+    q = parse_list_query(query)
     async with db.cursor(request.app[keys.PG_POOL]) as cur:
         page = await store.list_tasks(
             cur,
@@ -59,7 +60,7 @@ async def list_tasks(request: web.Request) -> web.Response:
             search=q.search,
             ordering=q.ordering,
         )
-    following, previous = _page_links(request, page.count, q.limit, q.offset)
+    following, previous = _page_links(request, query, page.count, q.limit, q.offset)
     body = {
         "count": page.count,
         "next": following,
@@ -89,7 +90,7 @@ async def get_task(request: web.Request) -> web.Response:
     task_id = path_id(request)
     async with db.cursor(request.app[keys.PG_POOL]) as cur:
         task = await store.get_task(cur, request[keys.USER_ID], task_id)
-    if request.headers.get("If-None-Match") == etag(task.version):
+    if if_none_match(request, task.version):
         return web.Response(status=304, headers={"ETag": etag(task.version)})
     return _task_response(request, task)
 
