@@ -26,6 +26,7 @@ from taskd.app import create_app
 from taskd.config import Settings, load_settings
 from taskd.db import migrate_dsn
 from tests.live import SseEvent, SseStream
+from tests.replicas import Replica
 
 PROJECT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
@@ -225,3 +226,12 @@ async def alice(make_user: UserFactory) -> User:
 @pytest.fixture
 async def bob(make_user: UserFactory) -> User:
     return await make_user("bob")
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[list[Replica]]:
+    """Append `Replica`s to this list; whatever is still running is killed afterwards."""
+    started: list[Replica] = []
+    yield started
+    for replica in started:
+        await replica.stop()

@@ -4,12 +4,10 @@ Every server stopped here is a private one the test started; replicas are real p
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
-import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -22,8 +20,7 @@ from taskd.config import Settings
 from taskd.db import migrate_dsn
 from tests.conftest import PROJECT, ClientFactory, SettingsFactory, User, register_and_login
 from tests.live import WAIT
-
-RECOVERY = 30.0  # bound on waiting for a reconnect with back-off; not a goal
+from tests.replicas import RECOVERY, Replica
 
 
 async def eventually(probe: Callable[[], Awaitable[bool]], limit: float = RECOVERY) -> None:
@@ -122,77 +119,6 @@ async def test_relay_and_hub_recover_from_a_postgres_restart(
     finally:
         server.stop(mode="immediate")
         shutil.rmtree(server.base_dir, ignore_errors=True)
-
-
-class Replica:
-    """A `taskd serve` process: a replica whose death is real."""
-
-    def __init__(self, settings: Settings, **env: str) -> None:
-        self.port = devservers.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "TASKD_POSTGRES_DSN": settings.postgres.dsn.get_secret_value(),
-            "TASKD_REDIS_URL": settings.redis.url.get_secret_value(),
-            "TASKD_REDIS_NAMESPACE": settings.redis.namespace,
-            "TASKD_AUTH_SECRET": settings.auth.secret.get_secret_value(),
-            "TASKD_AUTH_BCRYPT_ROUNDS": "4",
-            "TASKD_HTTP_PORT": str(self.port),
-            **env,
-        }
-        self.output: list[str] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._seen: dict[str, asyncio.Event] = {}
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "taskd",
-            "serve",
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        self._reader = asyncio.create_task(self._read())
-        await self.wait_for("taskd is serving at")
-
-    async def _read(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stdout is not None
-        while line := (await self.proc.stdout.readline()).decode():
-            self.output.append(line)
-            for text, seen in self._seen.items():
-                if text in line:
-                    seen.set()
-
-    async def wait_for(self, text: str, limit: float = RECOVERY) -> None:
-        """Until the replica logs a line containing `text`."""
-        seen = self._seen.setdefault(text, asyncio.Event())
-        if any(text in line for line in self.output):
-            seen.set()
-        async with asyncio.timeout(limit):
-            await seen.wait()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            await self._reader
-
-
-@pytest.fixture
-async def replicas() -> AsyncIterator[list[Replica]]:
-    started: list[Replica] = []
-    yield started
-    for replica in started:
-        await replica.stop()
 
 
 async def test_leader_death_hands_over_with_nothing_lost_or_repeated(
