@@ -18,6 +18,13 @@ from taskd.throttle import Throttle
 from taskd.views import accounts, live, ops, tasks
 
 
+class Lifecycle:
+    """Process state that handlers read: `draining` is set once SIGTERM starts the drain."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
 async def throttle_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     keyspace = Keys(settings.redis.namespace)
@@ -51,6 +58,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.http.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
+    app[keys.LIFECYCLE] = Lifecycle()
     # Started in this order, stopped in reverse.
     app.cleanup_ctx.append(pg_pool_ctx)
     app.cleanup_ctx.append(redis_ctx)

@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import logging
 import secrets
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from aiohttp import web
 from pydantic import SecretStr
 
-from taskd import devservers
+from taskd import devservers, keys
 from taskd.app import create_app
 from taskd.config import ConfigError, Settings, check_secret, load_settings
 from taskd.db import migrate_dsn
@@ -28,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     listen = argparse.ArgumentParser(add_help=False)
     listen.add_argument("--host", help="overrides [http] host")
     listen.add_argument("--port", type=int, help="overrides [http] port")
-    sub.add_parser("serve", parents=[config, listen], help="serve the API")
+    serve = sub.add_parser("serve", parents=[config, listen], help="serve the API")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("migrate", parents=[config], help="apply the schema files in sql/")
     sub.add_parser(
         "dev",
@@ -45,19 +52,81 @@ def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
     return settings.model_copy(update={"http": http})
 
 
-def _serve(settings: Settings) -> None:
-    url = f"http://{settings.http.host}:{settings.http.port}/"
-
-    def announce(_: str) -> None:  # called by run_app once the socket is listening
-        print(f"taskd is serving at {url} (Ctrl-C stops it)", flush=True)
-
-    web.run_app(
-        create_app(settings),
-        host=settings.http.host,
-        port=settings.http.port,
+async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
+    """Serve until SIGTERM (graceful: drain, stop accepting, end streams, finish) or SIGINT."""
+    app = create_app(settings)
+    http = settings.http
+    runner = web.AppRunner(
+        app,
         access_log_class=AccessLogger,
-        print=announce,
+        shutdown_timeout=http.shutdown_grace,
+        handle_signals=False,
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, http.host, http.port, reuse_port=reuse_port or None)
+        await site.start()
+        print(f"taskd is serving at http://{http.host}:{http.port}/ (Ctrl-C stops it)", flush=True)
+        loop = asyncio.get_running_loop()
+        received: asyncio.Future[signal.Signals] = loop.create_future()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not received.done():
+                received.set_result(sig)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        if await received == signal.SIGTERM and http.drain_seconds:
+            # Tell the load balancer first (/readyz answers 503), keep serving meanwhile.
+            app[keys.LIFECYCLE].draining = True
+            log.info("SIGTERM: draining for %.1f s before closing the listener", http.drain_seconds)
+            await asyncio.sleep(http.drain_seconds)
+        app[keys.LIFECYCLE].draining = True
+    finally:
+        # Stops accepting, ends live streams (on_shutdown), lets in-flight requests finish
+        # within shutdown_grace, then releases resources (and relay leadership).
+        await runner.cleanup()
+    log.info("taskd stopped")
+
+
+def _serve(settings: Settings, workers: int = 1) -> None:
+    if workers <= 1:
+        asyncio.run(_serve_until_stopped(settings, reuse_port=False))
+        return
+    _supervise(workers)
+
+
+def _supervise(workers: int) -> None:
+    """Run N `serve` processes on one port (SO_REUSEPORT); forward signals; exit when all do."""
+    argv = [sys.executable, "-m", "taskd", *_worker_argv(sys.argv[1:])]
+    children = [subprocess.Popen(argv) for _ in range(workers)]
+
+    def forward(sig: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise SystemExit(max(codes))
+
+
+def _worker_argv(args: list[str]) -> list[str]:
+    """This command line for one worker: `--workers N` becomes `--reuse-port`."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers="):
+            continue
+        out.append(arg)
+    return [*out, "--reuse-port"]
 
 
 def _dev(settings: Settings) -> None:
@@ -90,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log)
         if args.command == "serve":
             check_secret(settings)
-            _serve(settings)
+            if args.reuse_port:
+                asyncio.run(_serve_until_stopped(settings, reuse_port=True))
+            else:
+                _serve(settings, args.workers)
         elif args.command == "migrate":
             applied = asyncio.run(migrate_dsn(settings.postgres))
             print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")

@@ -29,6 +29,8 @@ class HttpSettings(_Section):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    drain_seconds: float = Field(5.0, ge=0)
+    shutdown_grace: float = Field(10.0, ge=0)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

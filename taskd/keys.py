@@ -11,12 +11,14 @@ from redis.asyncio import Redis
 from taskd.config import Settings
 
 if TYPE_CHECKING:
+    from taskd.app import Lifecycle
     from taskd.auth import Passwords, Tokens
     from taskd.hub import Hub
     from taskd.relay import Doorbell, Relay
     from taskd.throttle import Throttle
 
 SETTINGS = web.AppKey("settings", Settings)
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 PG_POOL: web.AppKey[Any] = web.AppKey("pg_pool")  # aiopg.Pool: aiopg ships no type stubs
 REDIS = web.AppKey("redis", Redis)
 BCRYPT_EXECUTOR = web.AppKey("bcrypt_executor", ThreadPoolExecutor)

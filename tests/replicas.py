@@ -28,6 +28,7 @@ class Replica:
             "TASKD_HTTP_PORT": str(self.port),
             **env,
         }
+        self.args: list[str] = []  # extra `taskd serve` arguments
         self.output: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -39,6 +40,7 @@ class Replica:
             "-m",
             "taskd",
             "serve",
+            *self.args,
             env=self.env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -55,13 +57,15 @@ class Replica:
                 if text in line:
                     seen.set()
 
-    async def wait_for(self, text: str, limit: float = RECOVERY) -> None:
-        """Until the replica logs a line containing `text`."""
-        seen = self._seen.setdefault(text, asyncio.Event())
-        if any(text in line for line in self.output):
-            seen.set()
+    async def wait_for(self, text: str, limit: float = RECOVERY, count: int = 1) -> None:
+        """Until the replica has logged `count` lines containing `text`."""
         async with asyncio.timeout(limit):
-            await seen.wait()
+            while sum(text in line for line in self.output) < count:
+                seen = self._seen.setdefault(text, asyncio.Event())
+                seen.clear()
+                if sum(text in line for line in self.output) >= count:
+                    break
+                await seen.wait()
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

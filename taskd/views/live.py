@@ -25,6 +25,7 @@ PONG = json.dumps({"type": "pong"})
 # Close codes: the client should reconnect (and resume) in every case but a protocol error.
 WS_TRY_AGAIN = 1013
 WS_REAUTH = 4001
+SHUTDOWN_RETRY_MS = 250
 
 
 def _resume_id(request: web.Request, header: bool) -> str | None:
@@ -75,6 +76,9 @@ async def sse(request: web.Request) -> web.StreamResponse:
             await resp.send(REAUTH, event="reauth")
     except Closed as closed:
         log.debug("sse stream closed by the hub: %s", closed)
+        if closed.args and closed.args[0] == "shutdown":
+            # Reconnect soon (to another replica); the next stream's own `retry:` resets it.
+            await resp.write(f"retry: {SHUTDOWN_RETRY_MS}\n\n".encode())
     except (ApiError, *REDIS_DOWN, ConnectionResetError) as exc:
         # Headers are out: end the stream; the client resumes with its Last-Event-ID.
         log.info("sse stream ended: %r", exc)

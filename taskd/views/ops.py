@@ -39,7 +39,11 @@ async def _redis_ok(app: web.Application) -> bool:
 
 @public
 async def readyz(request: web.Request) -> web.Response:
-    """200 when Postgres and Redis both answer, 503 otherwise."""
+    """200 when Postgres and Redis both answer, 503 otherwise and while draining."""
+    if request.app[keys.LIFECYCLE].draining:
+        return web.json_response(
+            {"status": "draining", "checks": {}}, status=503, headers={"Retry-After": "1"}
+        )
     postgres, redis = await asyncio.gather(_postgres_ok(request.app), _redis_ok(request.app))
     checks = {"postgres": postgres, "redis": redis}
     status = 200 if all(checks.values()) else 503
