@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest clean
+.PHONY: run test lint typecheck pytest nginx clean
 
 run: $(STAMP)
 	$(BIN)/taskd dev
@@ -18,8 +18,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy taskd
 
-pytest: $(STAMP)
+pytest: $(STAMP) nginx
 	$(BIN)/python -m pytest
+
+# tests/test_nginx.py runs deploy/nginx.conf through the machine's nginx.
+nginx:
+	@sh scripts/ensure-nginx.sh
 
 # The virtualenv, with taskd installed in it (editable) and the test tools.
 $(STAMP): pyproject.toml

@@ -12,6 +12,8 @@ from taskd.config import Settings
 from taskd.db import pg_pool_ctx
 from taskd.errors import error_middleware
 from taskd.hub import end_streams, hub_ctx
+from taskd.metrics import Metrics, add_request_id, metrics_view, observe_middleware
+from taskd.openapi import openapi_json
 from taskd.relay import relay_ctx
 from taskd.streams import Keys, redis_ctx
 from taskd.throttle import Throttle
@@ -49,16 +51,20 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/ws/", live.ws, allow_head=False)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
+    r.add_get("/api/openapi.json", openapi_json)
+    r.add_get("/metrics", metrics_view)
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the service; tests build it exactly as production does."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[observe_middleware, error_middleware, auth_middleware],
         client_max_size=settings.http.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
     app[keys.LIFECYCLE] = Lifecycle()
+    app[keys.METRICS] = Metrics()
+    app.on_response_prepare.append(add_request_id)
     # Started in this order, stopped in reverse.
     app.cleanup_ctx.append(pg_pool_ctx)
     app.cleanup_ctx.append(redis_ctx)

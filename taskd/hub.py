@@ -30,6 +30,7 @@ from taskd.streams import (
     event_from_entry,
     event_id,
     parse_event_id,
+    stop_background,
     stop_requested,
 )
 
@@ -59,8 +60,9 @@ class Closed(Exception):
 class Subscription:
     """One live connection's inbox. Bounded: overflow closes it instead of growing."""
 
-    def __init__(self, user_id: int, limit: int) -> None:
+    def __init__(self, user_id: int, kind: str, limit: int) -> None:
         self.user_id = user_id
+        self.kind = kind  # "sse" or "ws", for metrics
         self._limit = limit
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.closed: str | None = None
@@ -96,10 +98,10 @@ class Hub:
         self.connected = False
         self.delivered = 0
 
-    def subscribe(self, user_id: int) -> Subscription:
+    def subscribe(self, user_id: int, kind: str) -> Subscription:
         if not self.connected:
             raise Unavailable("Live updates are unavailable right now.")
-        sub = Subscription(user_id, self._settings.queue_size)
+        sub = Subscription(user_id, kind, self._settings.queue_size)
         self._subscribers.setdefault(user_id, set()).add(sub)
         return sub
 
@@ -110,9 +112,8 @@ class Hub:
             if not subs:
                 del self._subscribers[sub.user_id]
 
-    @property
-    def subscriber_count(self) -> int:
-        return sum(len(subs) for subs in self._subscribers.values())
+    def subscriber_count_of(self, kind: str) -> int:
+        return sum(s.kind == kind for subs in self._subscribers.values() for s in subs)
 
     def close_all(self, reason: str) -> None:
         for subs in self._subscribers.values():
@@ -326,11 +327,11 @@ class Feed:
         self._need_fill = bool(self._ahead)
 
 
-async def open_feed(app: web.Application, user_id: int, resume: str | None) -> Feed:
+async def open_feed(app: web.Application, user_id: int, kind: str, resume: str | None) -> Feed:
     """Register a subscriber for the user and fix its start; 503 when live updates are down."""
     hub = app[keys.HUB]
     settings = app[keys.SETTINGS]
-    sub = hub.subscribe(user_id)
+    sub = hub.subscribe(user_id, kind)
     feed = Feed(
         hub,
         sub,
@@ -363,6 +364,4 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         hub.close_all("shutdown")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_background([task])

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from taskd.app import Lifecycle
     from taskd.auth import Passwords, Tokens
     from taskd.hub import Hub
+    from taskd.metrics import Metrics
     from taskd.relay import Doorbell, Relay
     from taskd.throttle import Throttle
 
@@ -28,6 +29,8 @@ THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
 DOORBELL: web.AppKey[Doorbell] = web.AppKey("doorbell")
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 HUB: web.AppKey[Hub] = web.AppKey("hub")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 
 USER_ID = web.RequestKey("user_id", int)
+REQUEST_ID = web.RequestKey("request_id", str)
 TOKEN_EXPIRES = web.RequestKey("token_expires", int)  # the access token's `exp` (Unix time)

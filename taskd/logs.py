@@ -7,11 +7,15 @@ import logging
 import re
 import sys
 import time
+from contextvars import ContextVar
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from taskd.config import LogSettings
+
+# The id of the request being handled, added to every log line written meanwhile.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # `?token=` carries an access token for EventSource clients: it must not reach any log.
 _SECRET_PARAM = re.compile(r"([?&](?:token|access|refresh)=)[^&#\s]*", re.IGNORECASE)
@@ -31,6 +35,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": redact(record.getMessage()),
         }
+        if (rid := request_id.get()) is not None:
+            entry["request_id"] = rid
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -47,6 +53,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields = {
+            "request_id": response.headers.get("X-Request-ID"),
             "method": request.method,
             "path": redact(request.path_qs),
             "status": response.status,

@@ -28,6 +28,7 @@ from taskd.streams import (
     encode_event,
     entry_fields,
     event_id,
+    stop_background,
     stop_requested,
 )
 
@@ -58,7 +59,7 @@ class Doorbell:
         self._rung.set()
 
     async def run(self) -> None:
-        while True:
+        while not stop_requested():
             await self._rung.wait()
             self._rung.clear()
             # The leader's timed sweep is the guarantee; the bell is only speed.
@@ -208,8 +209,4 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_background(tasks)

@@ -448,3 +448,21 @@ async def stream_state(cur: Cursor, user_id: int) -> StreamState:
     if row is None:
         return StreamState(0, None)
     return StreamState(int(row[0]), None if row[1] is None else int(row[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    count: int
+    oldest_age: float  # seconds; 0 when empty
+
+
+OUTBOX_BACKLOG = """
+SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(at)), 0) FROM outbox
+"""
+
+
+async def outbox_backlog(cur: Cursor) -> Backlog:
+    """How much the relay has yet to publish (for /metrics)."""
+    await cur.execute(OUTBOX_BACKLOG)
+    count, age = await cur.fetchone()
+    return Backlog(int(count), float(age))

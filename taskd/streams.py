@@ -38,6 +38,19 @@ def stop_requested() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+async def stop_background(tasks: list[asyncio.Task[None]], patience: float = 5.0) -> None:
+    """Cancel background tasks and wait for them, cancelling again if a cancel was swallowed
+    (see stop_requested); give up after `patience` seconds rather than hang a shutdown."""
+    deadline = asyncio.get_running_loop().time() + patience
+    pending = {task for task in tasks if not task.done()}
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in pending:
+        log.error("background task %s did not stop", task.get_name())
+
+
 class Keys:
     """Redis key names, all under the configured namespace, spelled out only here."""
 

@@ -55,7 +55,9 @@ async def _pump(
 @query_token
 async def sse(request: web.Request) -> web.StreamResponse:
     settings = request.app[keys.SETTINGS].stream
-    feed = await open_feed(request.app, request[keys.USER_ID], _resume_id(request, header=True))
+    feed = await open_feed(
+        request.app, request[keys.USER_ID], "sse", _resume_id(request, header=True)
+    )
     resp = EventSourceResponse(
         ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
     )
@@ -100,7 +102,9 @@ def _check_origin(request: web.Request) -> None:
 async def ws(request: web.Request) -> web.StreamResponse:
     _check_origin(request)
     settings = request.app[keys.SETTINGS].stream
-    feed = await open_feed(request.app, request[keys.USER_ID], _resume_id(request, header=False))
+    feed = await open_feed(
+        request.app, request[keys.USER_ID], "ws", _resume_id(request, header=False)
+    )
     socket = web.WebSocketResponse(heartbeat=settings.ping_interval, max_msg_size=64 * 1024)
     lock = asyncio.Lock()  # the reader answers pings while the writer sends events
 

@@ -1,0 +1,125 @@
+"""Prometheus metrics (one registry per app, no globals) and the request-id/metrics middleware."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from taskd import db, keys, store
+from taskd.auth import public
+from taskd.errors import ApiError
+from taskd.logs import request_id
+
+log = logging.getLogger(__name__)
+
+# A client's X-Request-ID is kept when it is a plausible id (it goes into logs verbatim).
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every metric the service exports; gauges of other components are read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "taskd_http_requests", "HTTP requests.", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "taskd_http_request_duration_seconds",
+            "Time to the response headers (streams: to their end).",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.live = Gauge("taskd_live_connections", "Open live connections.", ["kind"], registry=r)
+        self.published = Gauge(
+            "taskd_relay_events_published", "Events this process published (as leader).", registry=r
+        )
+        self.leader = Gauge(
+            "taskd_relay_leader", "1 while this process is the relay leader.", registry=r
+        )
+        self.delivered = Gauge(
+            "taskd_hub_events_delivered", "Events handed to local subscribers.", registry=r
+        )
+        self.hub_connected = Gauge(
+            "taskd_hub_redis_connected", "1 while the hub tails the firehose.", registry=r
+        )
+        self.redis_connections = Gauge(
+            "taskd_redis_connections", "Redis connections held by this process.", registry=r
+        )
+        self.backlog = Gauge("taskd_outbox_backlog", "Events waiting in the outbox.", registry=r)
+        self.backlog_age = Gauge(
+            "taskd_outbox_oldest_age_seconds", "Age of the oldest unpublished event.", registry=r
+        )
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every request an id (X-Request-ID kept or made) and count it by route and status."""
+    incoming = request.headers.get("X-Request-ID", "")
+    rid = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    request[keys.REQUEST_ID] = rid
+    token = request_id.set(rid)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics = request.app[keys.METRICS]
+        route = _route(request)
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+        request_id.reset(token)
+
+
+async def _refresh(app: web.Application, metrics: Metrics) -> None:
+    relay, hub = app[keys.RELAY], app[keys.HUB]
+    metrics.published.set(relay.published)
+    metrics.leader.set(1 if relay.is_leader else 0)
+    metrics.delivered.set(hub.delivered)
+    metrics.hub_connected.set(1 if hub.connected else 0)
+    metrics.live.labels("sse").set(hub.subscriber_count_of("sse"))
+    metrics.live.labels("ws").set(hub.subscriber_count_of("ws"))
+    pooled = sum(count for count, _ in app[keys.REDIS].connection_pool.get_connection_count())
+    metrics.redis_connections.set(pooled + (1 if hub.connected else 0))
+    try:
+        async with db.cursor(app[keys.PG_POOL]) as cur:
+            backlog = await store.outbox_backlog(cur)
+        metrics.backlog.set(backlog.count)
+        metrics.backlog_age.set(backlog.oldest_age)
+    except ApiError:
+        pass  # Postgres down: the scrape still answers, with the last values
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streams included, carries its X-Request-ID."""
+    if keys.REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[keys.REQUEST_ID]
+
+
+@public
+async def metrics_view(request: web.Request) -> web.Response:
+    """Prometheus text format."""
+    metrics = request.app[keys.METRICS]
+    await _refresh(request.app, metrics)
+    body = generate_latest(metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
