@@ -6,18 +6,22 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    RootModel,
     StringConstraints,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, ErrorDetails
 
 from taskd.errors import NON_FIELD, ValidationFailed
 from taskd.store import Task, User
@@ -35,6 +39,35 @@ READ_ONLY_FIELDS = frozenset({"id", "user", "created_at", "updated_at", "version
 USERNAME_RE = re.compile(r"^[\w.@+-]+\Z")
 BIGINT_MAX = 2**63 - 1
 CANONICAL_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
+# For the OpenAPI document: what the service writes, as JSON Schema (ECMA-262) patterns.
+TIMESTAMP_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z$"
+EVENT_ID_PATTERN = r"^(0|[1-9][0-9]{0,18})-0$"
+JWT_PATTERN = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
+
+
+class SchemaHint:
+    """JSON Schema keywords for a rule that a validator function (not a constraint) enforces."""
+
+    def __init__(self, **keywords: Any) -> None:
+        self.keywords = keywords
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(core_schema), **self.keywords}
+
+
+def _never_null(schema: dict[str, Any]) -> None:
+    """The API refuses null for every field: `X | None = None` only means "may be omitted"."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+        options = [o for o in prop.get("anyOf", ()) if o != {"type": "null"}]
+        if "anyOf" in prop and len(options) == 1:
+            del prop["anyOf"]
+            prop.update(options[0])
+        elif "anyOf" in prop:
+            prop["anyOf"] = options
 
 
 def text_problem(value: str) -> str | None:
@@ -56,7 +89,9 @@ def canonical_id(raw: str) -> int | None:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, json_schema_extra=_never_null
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -69,7 +104,11 @@ class _Body(BaseModel):
         return value
 
 
-Title = Annotated[str, StringConstraints(max_length=TITLE_MAX)]
+Title = Annotated[
+    str,
+    StringConstraints(max_length=TITLE_MAX),
+    SchemaHint(minLength=1, description="Not only whitespace."),
+]
 Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX)]
 
 
@@ -105,10 +144,26 @@ class TaskPatch(_Body):
     _title = field_validator("title")(_check_title)
 
 
+Username = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=USERNAME_MAX),
+    SchemaHint(description="Letters, digits and @ . + - _; unique, case-insensitively."),
+]
+
+
 class Register(_Body):
-    username: Annotated[str, StringConstraints(min_length=1, max_length=USERNAME_MAX)]
-    password: str
-    email: str = ""
+    username: Username
+    password: Annotated[
+        str,
+        SchemaHint(
+            minLength=PASSWORD_MIN,
+            description=f"At most {PASSWORD_MAX_BYTES} bytes in UTF-8 (bcrypt's limit), not"
+            " entirely numeric, not the username.",
+        ),
+    ]
+    email: Annotated[
+        str, SchemaHint(anyOf=[{"format": "email"}, {"maxLength": 0}], description="Optional.")
+    ] = ""
 
     @field_validator("username")
     @classmethod
@@ -301,3 +356,112 @@ def task_body(task: Task) -> dict[str, Any]:
 
 def user_body(user: User) -> dict[str, Any]:
     return {"id": user.id, "username": user.username, "email": user.email}
+
+
+# Response models: the source of the OpenAPI document. Handlers build bodies with `task_body` and
+# `user_body` (the fast path); tests check those bodies against these schemas.
+
+
+class _Out(BaseModel):
+    # Forbidding extras makes the document say `additionalProperties: false`: a field the
+    # service starts sending without documenting it fails the conformance test.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Id = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+Timestamp = Annotated[str, Field(pattern=TIMESTAMP_PATTERN, description="UTC, microseconds.")]
+EventId = Annotated[str, Field(pattern=EVENT_ID_PATTERN)]
+
+
+class TaskOut(_Out):
+    id: Id
+    user: Annotated[int, Field(ge=1, le=BIGINT_MAX, description="The owner's id.")]
+    title: Title
+    description: Description
+    done: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+    version: Annotated[int, Field(ge=1, description="1 at creation, +1 on every change.")]
+
+
+class TaskPage(_Out):
+    """DRF limit/offset pagination."""
+
+    count: Annotated[int, Field(ge=0)]
+    next: Annotated[str, SchemaHint(format="uri")] | None
+    previous: Annotated[str, SchemaHint(format="uri")] | None
+    results: list[TaskOut]
+
+
+class UserOut(_Out):
+    id: Id
+    username: Username
+    email: Annotated[str, Field(description='"" when none was given.')]
+
+
+class TokenPair(_Out):
+    access: Annotated[str, Field(pattern=JWT_PATTERN)]
+    refresh: Annotated[str, Field(pattern=JWT_PATTERN)]
+
+
+class ErrorDetail(_Out):
+    detail: str
+    code: Annotated[str, Field(examples=["not_found", "token_not_valid", "throttled"])]
+
+
+class FieldErrors(RootModel[dict[str, list[str]]]):
+    """400: messages per field; a problem not tied to one field is under `non_field_errors`."""
+
+    root: Annotated[
+        dict[str, Annotated[list[str], Field(min_length=1)]],
+        Field(min_length=1, examples=[{"title": ["This field is required."]}]),
+    ]
+
+
+class DeletedTask(_Out):
+    id: Id
+    version: Annotated[int, Field(ge=2, description="The task's last version plus one.")]
+
+
+class Event(_Out):
+    """One committed change, on SSE (`data:`) and WebSocket (a text frame)."""
+
+    id: EventId
+    type: Literal["task.created", "task.updated", "task.deleted"]
+    task: TaskOut | DeletedTask
+    at: Timestamp
+
+
+class Reset(_Out):
+    """The resume id could not be honoured: re-read the list, then continue from `position`."""
+
+    type: Literal["reset"]
+    reason: Literal["trimmed", "malformed", "ahead"]
+    position: EventId
+
+
+class Reauth(_Out):
+    """The access token expired: reconnect with a fresh one and the last event id."""
+
+    type: Literal["reauth"]
+
+
+class Pong(_Out):
+    type: Literal["pong"]
+
+
+class SocketError(_Out):
+    type: Literal["error"]
+    detail: str
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class Readiness(_Out):
+    status: Literal["ok", "unavailable", "draining"]
+    checks: Annotated[
+        dict[Literal["postgres", "redis"], bool],
+        Field(description="Which dependency answers; empty while draining."),
+    ]
