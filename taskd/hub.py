@@ -96,6 +96,7 @@ class Hub:
         self._keys = keyspace
         self._subscribers: dict[int, set[Subscription]] = {}
         self.connected = False
+        self.first_connect = asyncio.Event()
         self.delivered = 0
 
     def subscribe(self, user_id: int, kind: str) -> Subscription:
@@ -143,10 +144,12 @@ class Hub:
                 await self._tail(client)
             except asyncio.CancelledError:
                 raise
-            except REDIS_DOWN as exc:
+            except Exception as exc:
                 if stop_requested():
                     raise asyncio.CancelledError() from exc
-                if self.connected:
+                if not isinstance(exc, REDIS_DOWN):
+                    log.exception("hub failed: ending local streams")
+                elif self.connected:
                     log.warning("hub lost redis (%r): ending local streams", exc)
             finally:
                 self.connected = False
@@ -163,6 +166,7 @@ class Hub:
         newest = _as_entries(await client.xrevrange(key, "+", "-", count=1))
         last: bytes | str = newest[0][0] if newest else "0-0"
         self.connected = True
+        self.first_connect.set()
         log.info("hub: tailing %s", key)
         block = self._settings.hub_block_ms
         while not stop_requested():
@@ -170,21 +174,29 @@ class Hub:
             async with asyncio.timeout(block / 1000 + self._redis_settings.timeout + 5):
                 reply = await client.xread({key: last}, count=batch, block=block)
             entries = _entries(reply, key)
+            before = last
             for entry_id, fields in entries:
                 last = entry_id
-                self._dispatch(event_from_entry(fields))
-            if len(entries) == batch and await self._fell_behind(client, key, last):
+                try:
+                    event = event_from_entry(fields)
+                except (KeyError, ValueError, UnicodeDecodeError):
+                    log.error("hub: skipping a firehose entry it cannot read: %r", entry_id)
+                    continue
+                self._dispatch(event)
+            if len(entries) == batch and await self._fell_behind(client, key, before):
                 # The firehose was trimmed past us: these subscribers may have missed events
                 # of users that will send nothing more. They resume from the per-user streams.
                 log.warning("hub fell behind the firehose: ending local streams")
                 self.close_all("behind")
 
     @staticmethod
-    async def _fell_behind(client: Redis, key: str, last: bytes | str) -> bool:
+    async def _fell_behind(client: Redis, key: str, before: bytes | str) -> bool:
+        """Whether entries after `before` (the id this read started from) were trimmed away
+        unread. Errs towards yes when only `before` itself is gone: that costs a resume."""
         oldest = _as_entries(await client.xrange(key, "-", "+", count=1))
         if not oldest:
             return False
-        return _id_tuple(oldest[0][0]) > _id_tuple(last)
+        return _id_tuple(oldest[0][0]) > _id_tuple(before)
 
     def _dispatch(self, event: Event) -> None:
         for sub in self._subscribers.get(event.user_id, ()):
@@ -237,6 +249,7 @@ class Feed:
         self._ready: deque[Item] = deque()
         self._ahead: dict[int, Event] = {}
         self._need_fill = False
+        self._more = False  # the last read of the user's stream was a full batch
 
     async def open(self, resume: str | None) -> None:
         """Fix the start position (before the response headers are sent): after the newest
@@ -259,13 +272,15 @@ class Feed:
         self._hub.unsubscribe(self._sub)
 
     async def next(self, wait: float) -> Item | None:
-        """The next item for the client; None when nothing arrived within `wait` seconds."""
+        """The next item for the client; None when nothing was ready within `wait` seconds
+        (one deadline: repeats and out-of-order events do not extend it)."""
+        deadline = asyncio.get_running_loop().time() + wait
         while not self._ready:
             if self._need_fill:
                 await self._fill()
                 continue
             try:
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout_at(deadline):
                     event = await self._sub.get()
             except TimeoutError:
                 return None
@@ -279,8 +294,8 @@ class Feed:
         if len(self._ahead) > self._settings.queue_size:
             self._sub.close("overflow")
         self._advance()
-        if self._ahead:
-            self._need_fill = True  # something between `last` and this event is missing
+        if self._ahead or self._more:
+            self._need_fill = True  # something is missing before this event, or still unread
 
     def _advance(self) -> None:
         while (event := self._ahead.pop(self.last + 1, None)) is not None:
@@ -304,6 +319,7 @@ class Feed:
                 self._keys.events(user), min=event_id(self.last + 1), max="+", count=batch
             )
         )
+        before = self.last
         for _, fields in entries:
             event = event_from_entry(fields)
             if event.seq > self.last:
@@ -311,9 +327,11 @@ class Feed:
         self._advance()
         for seq in [s for s in self._ahead if s <= self.last]:
             del self._ahead[seq]
-        if len(entries) == batch:
+        self._more = len(entries) == batch
+        if self._more and self.last > before:
             self._need_fill = True  # more to read before going live
             return
+        # No progress: `last + 1` is not in Redis (whether or not more follows it).
         missing = self.last + 1
         if missing > state.committed or (
             state.pending_from is not None and state.pending_from <= missing
@@ -324,7 +342,7 @@ class Feed:
         for seq in [s for s in self._ahead if s <= self.last]:
             del self._ahead[seq]
         self._advance()
-        self._need_fill = bool(self._ahead)
+        self._need_fill = bool(self._ahead) or self._more
 
 
 async def open_feed(app: web.Application, user_id: int, kind: str, resume: str | None) -> Feed:
@@ -360,6 +378,10 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = Hub(settings.redis, settings.stream, Keys(settings.redis.namespace))
     app[keys.HUB] = hub
     task = asyncio.create_task(hub.run(), name="taskd-hub")
+    # Serve streams from the first request when Redis answers; start anyway when it does not.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(settings.redis.timeout * 2):
+            await hub.first_connect.wait()
     try:
         yield
     finally:

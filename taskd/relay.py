@@ -35,6 +35,7 @@ from taskd.streams import (
 log = logging.getLogger(__name__)
 
 LEADER_LOCK = 7_243_002  # advisory lock key: one relay leader per database
+HOLD_BACK_SECONDS = 30.0  # a user whose events Redis refuses is retried after this
 
 
 def _session_options(postgres: PostgresSettings, relay: RelaySettings) -> dict[str, Any]:
@@ -85,10 +86,11 @@ class Relay:
         self._keys = keyspace
         self.is_leader = False
         self.published = 0  # events published by this process (a counter for /metrics)
+        self._held_back: dict[int, float] = {}  # user id -> loop time to retry their events
 
     async def run(self) -> None:
         """Forever: connect, try to lead, publish while leading; back off on any failure."""
-        backoff = 0.1
+        backoff, failures = 0.1, 0
         while True:
             try:
                 async with (
@@ -99,17 +101,26 @@ class Relay:
                         await cur.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
                         if (await cur.fetchone())[0]:
                             await self._lead(cur)
-                        backoff = 0.1
+                        backoff, failures = 0.1, 0
                         if stop_requested():
                             raise asyncio.CancelledError()
                         await asyncio.sleep(self._settings.sweep_interval)
             except asyncio.CancelledError:
-                raise
+                if stop_requested():
+                    raise
+                # aiopg reports a statement the server cancelled (statement_timeout, a lock
+                # wait) as CancelledError: a failure to retry, not the end of the relay.
+                log.warning("relay: a statement was cancelled by the server; retrying")
             except Exception as exc:
                 if stop_requested():
                     raise asyncio.CancelledError() from exc
+                failures += 1
                 if self.is_leader:
                     log.warning("relay leader stepping down: %r", exc)
+                elif failures >= 3:  # once is a blip; repeatedly, events are piling up
+                    log.warning(
+                        "relay cannot take part in the election (%d tries): %r", failures, exc
+                    )
                 else:
                     log.debug("relay election failed: %r", exc)
             finally:
@@ -155,7 +166,9 @@ class Relay:
 
     async def publish_batch(self, cur: Any) -> int:
         """Publish one batch of outbox rows; return how many rows were handled."""
-        rows = await store.fetch_outbox(cur, self._settings.batch_size)
+        now = asyncio.get_running_loop().time()
+        self._held_back = {u: t for u, t in self._held_back.items() if t > now}
+        rows = await store.fetch_outbox(cur, self._settings.batch_size, list(self._held_back))
         if not rows:
             return 0
         events = [encode_event(row) for row in rows]
@@ -185,11 +198,19 @@ class Relay:
             )
             await asyncio.sleep(self._settings.max_backoff / 5)
             return 0
-        for result in results:
+        failed: set[int] = set()
+        for event, result in zip(events, results[::2], strict=True):
+            # "Equal or smaller" means already published; anything else (a WRONGTYPE key, say)
+            # holds that user's events back, without blocking everyone else's.
             if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
-                raise result  # anything but "already published" is a real fault
-        await store.delete_outbox(cur, [(row.user_id, row.seq) for row in rows])
-        self.published += len(rows)
+                failed.add(event.user_id)
+                log.error("relay: cannot publish events of user %d: %s", event.user_id, result)
+        now = asyncio.get_running_loop().time()
+        for user_id in failed:
+            self._held_back[user_id] = now + HOLD_BACK_SECONDS
+        done = [(row.user_id, row.seq) for row in rows if row.user_id not in failed]
+        await store.delete_outbox(cur, done)
+        self.published += len(done)
         return len(rows)
 
 

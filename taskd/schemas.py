@@ -462,6 +462,9 @@ class Health(_Out):
 class Readiness(_Out):
     status: Literal["ok", "unavailable", "draining"]
     checks: Annotated[
-        dict[Literal["postgres", "redis"], bool],
-        Field(description="Which dependency answers; empty while draining."),
+        dict[Literal["postgres", "redis", "live"], bool],
+        Field(
+            description="Which dependency answers (`live`: this replica's hub tails the"
+            " firehose); empty while draining."
+        ),
     ]

@@ -398,7 +398,7 @@ class StreamState:
 # can commit after a row with a higher number was read (DESIGN.md, pitfalls).
 FETCH_OUTBOX = """
 SELECT user_id, seq, kind, task_id, version, title, description, done, created_at, updated_at, at
-FROM outbox ORDER BY user_id, seq LIMIT %s
+FROM outbox WHERE NOT (user_id = ANY(%s::bigint[])) ORDER BY user_id, seq LIMIT %s
 """
 DELETE_OUTBOX = """
 DELETE FROM outbox o USING unnest(%s::bigint[], %s::bigint[]) AS d(user_id, seq)
@@ -410,8 +410,9 @@ FROM users u WHERE u.id = %s
 """
 
 
-async def fetch_outbox(cur: Cursor, limit: int) -> list[OutboxEvent]:
-    await cur.execute(FETCH_OUTBOX, (limit,))
+async def fetch_outbox(cur: Cursor, limit: int, skip_users: list[int]) -> list[OutboxEvent]:
+    """The oldest unpublished events, in (user, seq) order, leaving out `skip_users`."""
+    await cur.execute(FETCH_OUTBOX, (skip_users, limit))
     events = []
     for (
         user_id,

@@ -175,4 +175,4 @@ async def test_healthz(client: TestClient[web.Request, web.Application]) -> None
 async def test_readyz_when_both_answer(client: TestClient[web.Request, web.Application]) -> None:
     resp = await client.get("/readyz")
     assert resp.status == 200
-    assert (await resp.json())["checks"] == {"postgres": True, "redis": True}
+    assert (await resp.json())["checks"] == {"postgres": True, "redis": True, "live": True}

@@ -176,6 +176,47 @@ async def test_trimmed_history_gets_a_reset(alice: User, settings: Settings) -> 
     assert live.id == "4-0"
 
 
+async def test_resume_into_a_gap_before_a_full_batch_resets_then_goes_live(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    # The resume point falls in trimmed history followed by more than one catch-up batch.
+    settings = make_settings(stream={"catch_up_batch": 3})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "gappy")
+    for i in range(12):
+        await user.create_task(f"t{i}")
+    await user.events(after="11-0", count=1)  # all published
+    redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value())
+    try:
+        await redis.xtrim(
+            f"{settings.redis.namespace}:events:{user.id}", maxlen=6, approximate=False
+        )
+    finally:
+        await redis.aclose()
+    async with user.sse(last_event_id="2-0") as stream:
+        reset = await stream.next()
+        await user.create_task("live")
+        live = await stream.next()
+    assert reset is not None
+    assert reset.json == {"type": "reset", "reason": "trimmed", "position": "12-0"}
+    assert live is not None
+    assert live.id == "13-0"
+
+
+async def test_a_foreign_firehose_entry_does_not_stop_the_hub(
+    alice: User, settings: Settings
+) -> None:
+    redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value())
+    try:
+        await redis.xadd(f"{settings.redis.namespace}:firehose", {"junk": "1"})
+    finally:
+        await redis.aclose()
+    async with alice.sse() as stream:
+        await alice.create_task("still flowing")
+        (event,) = await stream.take(1)
+    assert event.id == "1-0"
+
+
 async def test_users_never_see_each_others_events(alice: User, bob: User) -> None:
     async with alice.sse() as alice_stream, bob.sse() as bob_stream:
         await alice.create_task("alice's")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
+import psycopg2
 import pytest
+import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from taskd import devservers
@@ -191,3 +194,48 @@ async def test_query_string_token_never_reaches_the_logs(
     assert tokens["access"] not in log
     assert "forged.token.x" not in log
     assert tokens["access"].split(".")[2] not in log
+
+
+async def test_one_users_unpublishable_events_do_not_hold_up_others(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(relay={"batch_size": 1})
+    client = await aiohttp_client(create_app(settings))
+    stuck = await register_and_login(client, "stuck")
+    other = await register_and_login(client, "other")
+    redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value())
+    try:
+        # A key of the wrong type where the user's stream should be: Redis refuses the XADD.
+        await redis.set(f"{settings.redis.namespace}:events:{stuck.id}", "not a stream")
+        await stuck.create_task("cannot be published")
+        async with other.sse() as stream:
+            await other.create_task("published anyway")
+            (event,) = await stream.take(1)
+        assert event.json["task"]["title"] == "published anyway"
+    finally:
+        await redis.aclose()
+
+
+async def test_relay_survives_a_statement_cancelled_by_the_server(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory, database_dsn: str
+) -> None:
+    # aiopg reports a server-side cancel (statement_timeout) as CancelledError.
+    settings = make_settings(postgres={"statement_timeout_ms": 200})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "blocked")
+
+    def hold_outbox_lock() -> None:
+        conn = psycopg2.connect(database_dsn)
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+                # The fault itself: long enough for the relay's sweeps to hit the timeout.
+                time.sleep(1.5)
+        finally:
+            conn.close()
+
+    await asyncio.to_thread(hold_outbox_lock)
+    async with user.sse() as stream:
+        await user.create_task("after the lock")
+        (event,) = await stream.take(1, wait=RECOVERY)
+    assert event.id == "1-0"

@@ -129,7 +129,11 @@ async def ws(request: web.Request) -> web.StreamResponse:
             code = 1012 if closed.args and closed.args[0] == "shutdown" else WS_TRY_AGAIN
         except (ApiError, *REDIS_DOWN, ConnectionResetError, TimeoutError) as exc:
             log.info("websocket stream ended: %r", exc)
-        await socket.close(code=code)
+        except Exception:
+            log.exception("websocket writer failed")
+        finally:
+            # Whatever ended the writer, the client must learn it and reconnect.
+            await socket.close(code=code)
 
     writer = None
     try:

@@ -39,13 +39,13 @@ async def _redis_ok(app: web.Application) -> bool:
 
 @public
 async def readyz(request: web.Request) -> web.Response:
-    """200 when Postgres and Redis both answer, 503 otherwise and while draining."""
+    """200 when Postgres and Redis answer and the hub tails; 503 otherwise and while draining."""
     if request.app[keys.LIFECYCLE].draining:
         return web.json_response(
             {"status": "draining", "checks": {}}, status=503, headers={"Retry-After": "1"}
         )
     postgres, redis = await asyncio.gather(_postgres_ok(request.app), _redis_ok(request.app))
-    checks = {"postgres": postgres, "redis": redis}
+    checks = {"postgres": postgres, "redis": redis, "live": request.app[keys.HUB].connected}
     status = 200 if all(checks.values()) else 503
     return web.json_response(
         {"status": "ok" if status == 200 else "unavailable", "checks": checks}, status=status
