@@ -86,17 +86,27 @@ def database_dsn(services: devservers.Services, template_dsn: str) -> Iterator[s
     admin_execute(services.postgres_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture
-def namespace(services: devservers.Services) -> Iterator[str]:
-    """A Redis key prefix of this test's own, removed afterwards."""
-    name = f"taskd-test-{uuid.uuid4().hex[:12]}"
-    yield name
+@pytest.fixture(scope="session")
+def namespaces(services: devservers.Services) -> Iterator[list[str]]:
+    """Every test's Redis namespace, removed at the end of the session: an app or replica
+    still shutting down after its test cannot leave keys behind."""
+    used: list[str] = []
+    yield used
     client = redis.Redis.from_url(services.redis_url)
     try:
-        for key in client.scan_iter(match=f"{name}:*", count=1000):
-            client.delete(key)
+        for name in used:
+            for key in client.scan_iter(match=f"{name}:*", count=1000):
+                client.delete(key)
     finally:
         client.close()
+
+
+@pytest.fixture
+def namespace(namespaces: list[str]) -> str:
+    """A Redis key prefix of this test's own."""
+    name = f"taskd-test-{uuid.uuid4().hex[:12]}"
+    namespaces.append(name)
+    return name
 
 
 SettingsFactory = Callable[..., Settings]
