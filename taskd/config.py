@@ -9,7 +9,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "TASKD_"
 CONFIG_ENV = "TASKD_CONFIG"
@@ -116,6 +124,22 @@ class Settings(_Section):
     stream: StreamSettings = StreamSettings()
     relay: RelaySettings = RelaySettings()
     log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        _check_lease(self)
+        return self
+
+
+def _check_lease(settings: Settings) -> None:
+    """The leader's session must not fall silent for a whole lease during one sweep: a sweep
+    is a Redis call (one retry: twice the timeout) plus the wait for the next doorbell."""
+    busiest = settings.relay.sweep_interval + 2 * settings.redis.timeout
+    if busiest >= settings.relay.lease_seconds:
+        raise ValueError(
+            f"[relay] lease_seconds ({settings.relay.lease_seconds}) must exceed"
+            f" [relay] sweep_interval + 2 x [redis] timeout ({busiest:g})"
+        )
 
 
 class ConfigError(Exception):

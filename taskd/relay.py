@@ -196,8 +196,7 @@ class Relay:
             log.warning(
                 "relay: redis unavailable, %d event(s) wait in the outbox: %s", len(rows), exc
             )
-            await asyncio.sleep(self._settings.max_backoff / 5)
-            return 0
+            return 0  # the caller waits a sweep interval before trying again
         failed: set[int] = set()
         for event, result in zip(events, results[::2], strict=True):
             # "Equal or smaller" means already published; anything else (a WRONGTYPE key, say)

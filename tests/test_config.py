@@ -67,3 +67,8 @@ def test_missing_or_short_secret_is_refused(secret: str) -> None:
     settings = load_settings(PROJECT / "config.toml", env={"TASKD_AUTH_SECRET": secret})
     with pytest.raises(ConfigError, match="secret"):
         check_secret(settings)
+
+
+def test_a_lease_shorter_than_a_sweep_is_refused() -> None:
+    with pytest.raises(ConfigError, match="lease_seconds"):
+        load_settings(PROJECT / "config.toml", env={"TASKD_RELAY_LEASE_SECONDS": "2"})

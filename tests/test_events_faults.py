@@ -149,8 +149,11 @@ async def test_leader_death_hands_over_with_nothing_lost_or_repeated(
 async def test_a_hung_leader_loses_the_lease(
     aiohttp_client: ClientFactory, make_settings: SettingsFactory, replicas: list[Replica]
 ) -> None:
-    settings = make_settings(relay={"lease_seconds": 2})
-    leader = Replica(settings, TASKD_RELAY_LEASE_SECONDS="2")
+    fast = {"TASKD_RELAY_LEASE_SECONDS": "2", "TASKD_RELAY_SWEEP_INTERVAL": "0.5"}
+    settings = make_settings(
+        relay={"lease_seconds": 2, "sweep_interval": 0.5}, redis={"timeout": 0.25}
+    )
+    leader = Replica(settings, TASKD_REDIS_TIMEOUT="0.25", **fast)
     replicas.append(leader)
     await leader.start()
     await leader.wait_for("relay: this process is the leader")
