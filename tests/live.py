@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
+
+from taskd.config import Settings
 
 WAIT = 15.0  # upper bound for an awaited event; tests never sleep for a fixed time
 
@@ -86,3 +91,20 @@ class SseStream:
         while (event := await self.next(wait)) is not None:
             events.append(event)
         return events
+
+
+@contextlib.asynccontextmanager
+async def raw_redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test's Redis, for inspecting or breaking things on purpose."""
+    client = aioredis.Redis.from_url(settings.redis.url.get_secret_value(), protocol=3)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def trim_events(settings: Settings, user_id: int, keep: int) -> None:
+    """What MAXLEN trimming or a Redis that lost its tail leaves: old entries gone."""
+    async with raw_redis(settings) as redis:
+        key = f"{settings.redis.namespace}:events:{user_id}"
+        await redis.xtrim(key, maxlen=keep, approximate=False)

@@ -8,14 +8,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from taskd.app import create_app
 from taskd.config import Settings
 from tests.conftest import ClientFactory, SettingsFactory, User, UserFactory, register_and_login
-from tests.live import WAIT, SseStream
+from tests.live import WAIT, SseStream, raw_redis, trim_events
 
 Client = TestClient[web.Request, web.Application]
 
@@ -158,14 +157,7 @@ async def test_trimmed_history_gets_a_reset(alice: User, settings: Settings) -> 
     for i in range(3):
         await alice.create_task(f"t{i}")
     await alice.events(after="2-0", count=1)  # all three are published
-    redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value())
-    try:
-        # What MAXLEN trimming or a Redis that lost its tail leaves: the old entries are gone.
-        await redis.xtrim(
-            f"{settings.redis.namespace}:events:{alice.id}", maxlen=1, approximate=False
-        )
-    finally:
-        await redis.aclose()
+    await trim_events(settings, alice.id, keep=1)
     async with alice.sse(last_event_id="0-0") as stream:
         reset = await stream.next()
         await alice.create_task("after")
@@ -186,13 +178,7 @@ async def test_resume_into_a_gap_before_a_full_batch_resets_then_goes_live(
     for i in range(12):
         await user.create_task(f"t{i}")
     await user.events(after="11-0", count=1)  # all published
-    redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value())
-    try:
-        await redis.xtrim(
-            f"{settings.redis.namespace}:events:{user.id}", maxlen=6, approximate=False
-        )
-    finally:
-        await redis.aclose()
+    await trim_events(settings, user.id, keep=6)
     async with user.sse(last_event_id="2-0") as stream:
         reset = await stream.next()
         await user.create_task("live")
@@ -206,11 +192,8 @@ async def test_resume_into_a_gap_before_a_full_batch_resets_then_goes_live(
 async def test_a_foreign_firehose_entry_does_not_stop_the_hub(
     alice: User, settings: Settings
 ) -> None:
-    redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value())
-    try:
+    async with raw_redis(settings) as redis:
         await redis.xadd(f"{settings.redis.namespace}:firehose", {"junk": "1"})
-    finally:
-        await redis.aclose()
     async with alice.sse() as stream:
         await alice.create_task("still flowing")
         (event,) = await stream.take(1)
@@ -409,13 +392,11 @@ async def test_redis_connections_do_not_grow_with_clients(
         ]
         try:
             assert {r.status for r in responses} == {200}
-            redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value(), protocol=3)
-            try:
+            async with raw_redis(settings) as redis:
                 clients = await redis.client_list()
-            finally:
-                await redis.aclose()
             prefix = f"taskd:{settings.redis.namespace}"
-            ours = [c for c in clients if c.get("name", "").startswith(prefix)]
+            ours = [c["name"] for c in clients if c.get("name", "").startswith(prefix)]
+            assert f"{prefix}:hub" in ours  # the count below is of this app's connections
             assert len(ours) <= settings.redis.max_connections + 1  # the pool and the hub's
             # And the streams are live.
             await users[-1].create_task("still live")

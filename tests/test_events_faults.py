@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import psycopg2
 import pytest
-import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from taskd import devservers
@@ -22,7 +21,7 @@ from taskd.app import create_app
 from taskd.config import Settings
 from taskd.db import migrate_dsn
 from tests.conftest import PROJECT, ClientFactory, SettingsFactory, User, register_and_login
-from tests.live import WAIT
+from tests.live import WAIT, raw_redis
 from tests.replicas import RECOVERY, Replica
 
 
@@ -206,8 +205,7 @@ async def test_one_users_unpublishable_events_do_not_hold_up_others(
     client = await aiohttp_client(create_app(settings))
     stuck = await register_and_login(client, "stuck")
     other = await register_and_login(client, "other")
-    redis = aioredis.Redis.from_url(settings.redis.url.get_secret_value())
-    try:
+    async with raw_redis(settings) as redis:
         # A key of the wrong type where the user's stream should be: Redis refuses the XADD.
         await redis.set(f"{settings.redis.namespace}:events:{stuck.id}", "not a stream")
         await stuck.create_task("cannot be published")
@@ -215,8 +213,6 @@ async def test_one_users_unpublishable_events_do_not_hold_up_others(
             await other.create_task("published anyway")
             (event,) = await stream.take(1)
         assert event.json["task"]["title"] == "published anyway"
-    finally:
-        await redis.aclose()
 
 
 async def test_relay_survives_a_statement_cancelled_by_the_server(
