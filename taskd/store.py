@@ -105,9 +105,14 @@ async def update_password_hash(cur: Cursor, credentials: Credentials, new_hash: 
 
 # --- refresh tokens --------------------------------------------------------------------------
 
+# A login also forgets the user's expired tokens, so the table stays the size of the live
+# logins (an expired token is refused by its `exp` before any lookup).
 INSERT_REFRESH = """
+WITH expired AS (
+    DELETE FROM refresh_tokens WHERE user_id = %(user_id)s AND expires_at < now()
+)
 INSERT INTO refresh_tokens (jti, family, user_id, expires_at)
-VALUES (%s, %s, %s, now() + make_interval(secs => %s))
+VALUES (%(jti)s, %(family)s, %(user_id)s, now() + make_interval(secs => %(ttl)s))
 """
 # Consume the presented token and issue its successor in one statement: of two concurrent
 # refreshes with one token exactly one finds `used_at IS NULL`.
@@ -141,7 +146,8 @@ RETURNING jti
 
 async def insert_refresh(cur: Cursor, jti: uuid.UUID, user_id: int, ttl: int) -> None:
     """Record a new login's refresh token, the first of a new family."""
-    await cur.execute(INSERT_REFRESH, (str(jti), str(uuid.uuid4()), user_id, ttl))
+    params = {"jti": str(jti), "family": str(uuid.uuid4()), "user_id": user_id, "ttl": ttl}
+    await cur.execute(INSERT_REFRESH, params)
 
 
 async def rotate_refresh(cur: Cursor, jti: uuid.UUID, new_jti: uuid.UUID, ttl: int) -> int | None:

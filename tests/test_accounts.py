@@ -278,3 +278,26 @@ async def test_refresh_and_logout_input(
 async def test_access_token_is_not_a_refresh_token(alice: User, client: Client) -> None:
     status, body, _ = await post(client, "/api/token/refresh/", {"refresh": alice.access})
     assert (status, body["code"]) == (401, "token_not_valid")
+
+
+async def test_login_forgets_the_users_expired_refresh_tokens(
+    alice: User, client: Client, database_dsn: str
+) -> None:
+    conn = psycopg2.connect(database_dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE refresh_tokens SET expires_at = now() - interval '1 second'"
+                " WHERE user_id = %s",
+                (alice.id,),
+            )
+        await post(client, "/api/login/", {"username": "alice", "password": PASSWORD})
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE expires_at < now())"
+                " FROM refresh_tokens WHERE user_id = %s",
+                (alice.id,),
+            )
+            assert cur.fetchone() == (1, 0)
+    finally:
+        conn.close()
