@@ -27,6 +27,14 @@ MIN_SECRET_BYTES = 32
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class PublicUrl(BaseModel):
+    """`scheme://host[:port]` as clients reach the service."""
+
+    model_config = ConfigDict(frozen=True)
+    scheme: str
+    authority: str
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,8 +45,21 @@ class HttpSettings(_Section):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    public_url: PublicUrl | None = None
     drain_seconds: float = Field(5.0, ge=0)
     shutdown_grace: float = Field(10.0, ge=0)
+
+    @field_validator("public_url", mode="before")
+    @classmethod
+    def _public_url(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        if isinstance(value, str):
+            scheme, sep, rest = value.rstrip("/").partition("://")
+            if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+                raise ValueError("must be like https://tasks.example.com (no path)")
+            return PublicUrl(scheme=scheme, authority=rest.lower())
+        return value
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

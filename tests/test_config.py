@@ -72,3 +72,13 @@ def test_missing_or_short_secret_is_refused(secret: str) -> None:
 def test_a_lease_shorter_than_a_sweep_is_refused() -> None:
     with pytest.raises(ConfigError, match="lease_seconds"):
         load_settings(PROJECT / "config.toml", env={"TASKD_RELAY_LEASE_SECONDS": "2"})
+
+
+def test_public_url() -> None:
+    env = {"TASKD_HTTP_PUBLIC_URL": "https://Tasks.Example.com:8443/"}
+    pinned = load_settings(PROJECT / "config.toml", env=env).http.public_url
+    assert pinned is not None
+    assert (pinned.scheme, pinned.authority) == ("https", "tasks.example.com:8443")
+    for bad in ("tasks.example.com", "ftp://x", "https://x/path"):
+        with pytest.raises(ConfigError, match="public_url"):
+            load_settings(PROJECT / "config.toml", env={"TASKD_HTTP_PUBLIC_URL": bad})

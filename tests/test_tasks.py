@@ -7,9 +7,17 @@ import re
 
 import pytest
 
+from taskd.app import create_app
+from taskd.config import PublicUrl
 from taskd.errors import ValidationFailed
 from taskd.schemas import parse_list_query
-from tests.conftest import User, UserFactory
+from tests.conftest import (
+    ClientFactory,
+    SettingsFactory,
+    User,
+    UserFactory,
+    register_and_login,
+)
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -370,3 +378,21 @@ async def test_many_users_keep_their_own_sequence(make_user: UserFactory) -> Non
         events = await user.events(after="0-0", count=3)
         assert [e.id for e in events] == ["1-0", "2-0", "3-0"]
         assert {e.json["task"]["user"] for e in events} == {user.id}
+
+
+async def test_public_url_pins_absolute_urls_whatever_the_host_header(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(
+        http={"public_url": PublicUrl(scheme="https", authority="tasks.example")}
+    )
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "pinned")
+    for i in range(3):
+        await user.create_task(f"t{i}")
+    headers = {"Host": "evil.example"}
+    status, _, answer = await user.call("POST", "/api/tasks/", {"title": "x"}, headers=headers)
+    assert status == 201
+    assert answer["Location"].startswith("https://tasks.example/api/tasks/")
+    _, page, _ = await user.call("GET", "/api/tasks/?limit=2", headers=headers)
+    assert page["next"].startswith("https://tasks.example/api/tasks/?")

@@ -94,6 +94,10 @@ def client_address(request: web.Request) -> str:
 
 
 def _scheme_and_host(request: web.Request) -> tuple[str, str]:
+    """Where clients reach the service: `[http] public_url` when set, else what the request
+    (behind a trusted proxy: its forwarded headers) says."""
+    if pinned := request.app[keys.SETTINGS].http.public_url:
+        return pinned.scheme, pinned.authority
     scheme, host = request.scheme, request.host
     if _trusted(request.remote, request):
         scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
