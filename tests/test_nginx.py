@@ -336,3 +336,37 @@ async def test_access_log_never_holds_the_query_token(cluster: Cluster) -> None:
     logs = nginx.access_log_text() + nginx.error_log.read_text()
     for secret in (user.access, user.access.split(".")[2], "forged.token.x"):
         assert secret not in logs
+
+
+async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes no HTTP client library would send; parse the status, headers and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(WAIT):
+            raw = await reader.read()  # nginx closes the connection after an error
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /api/tasks/ HTTP/1.1\r\nHost: x\r\nBroken header line\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),
+    ],
+    ids=["malformed", "uri-too-long", "headers-too-large"],
+)
+async def test_nginx_answers_malformed_requests_in_json(
+    cluster: Cluster, request_bytes: bytes, status: int
+) -> None:
+    got, headers, body = await raw_request(cluster.nginx.port, request_bytes)
+    assert got == status
+    assert headers["Content-Type"] == "application/json"
+    assert isinstance(json.loads(body), dict)
