@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # A client's X-Request-ID is kept when it is a plausible id (it goes into logs verbatim).
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Label values come from this set only: a client inventing methods must not grow the registry.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -86,8 +88,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         metrics = request.app[keys.METRICS]
         route = _route(request)
-        metrics.requests.labels(request.method, route, str(status)).inc()
-        metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        metrics.requests.labels(method, route, str(status)).inc()
+        metrics.latency.labels(method, route).observe(time.perf_counter() - started)
         request_id.reset(token)
 
 

@@ -106,3 +106,14 @@ async def test_json_logs_carry_request_ids_and_no_secrets(
     assert PASSWORD not in log
     assert tokens["access"] not in log
     assert tokens["refresh"] not in log
+
+
+async def test_metric_labels_stay_bounded_whatever_the_client_sends(client: Client) -> None:
+    for i, method in enumerate(("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "COPY")):
+        async with client.request(method, f"/nowhere/{i}") as resp:
+            assert resp.status == 404
+    async with client.get("/metrics") as resp:
+        text = await resp.text()
+    assert "PROPFIND" not in text
+    assert "/nowhere" not in text
+    assert sample(text, "taskd_http_requests_total", method="other", route="unmatched") == 5
