@@ -19,6 +19,7 @@ from taskd.app import create_app
 from taskd.config import ConfigError, Settings, check_secret, load_settings
 from taskd.db import migrate_dsn
 from taskd.logs import AccessLogger, setup_logging
+from taskd.server import Runner
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
     """Serve until SIGTERM (graceful: drain, stop accepting, end streams, finish) or SIGINT."""
     app = create_app(settings)
     http = settings.http
-    runner = web.AppRunner(
+    runner = Runner(
         app,
         access_log_class=AccessLogger,
         shutdown_timeout=http.shutdown_grace,

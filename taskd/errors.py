@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -125,6 +126,16 @@ _HTTP_CODES = {
     405: ("method_not_allowed", None),
     413: ("too_large", "Request body is too large."),
 }
+
+
+def protocol_error_body(status: int) -> object:
+    """The body for an error aiohttp's HTTP parser raised before any handler ran."""
+    if status == 400:
+        return {NON_FIELD: ["Malformed HTTP request."]}
+    if status >= 500:
+        return {"detail": "A server error occurred.", "code": "error"}
+    code, detail = _HTTP_CODES.get(status, ("error", None))
+    return {"detail": detail or HTTPStatus(status).phrase, "code": code}
 
 
 def error_response(status: int, body: object, headers: Mapping[str, str] = {}) -> web.Response:

@@ -108,3 +108,19 @@ async def trim_events(settings: Settings, user_id: int, keep: int) -> None:
     async with raw_redis(settings) as redis:
         key = f"{settings.redis.namespace}:events:{user_id}"
         await redis.xtrim(key, maxlen=keep, approximate=False)
+
+
+async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes no HTTP client library would send; parse the status, headers and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(WAIT):
+            raw = await reader.read()  # nginx closes the connection after an error
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body

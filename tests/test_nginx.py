@@ -21,7 +21,7 @@ import pytest
 
 from taskd.config import Settings
 from tests.conftest import PASSWORD
-from tests.live import WAIT, SseEvent, SseStream
+from tests.live import WAIT, SseEvent, SseStream, raw_request
 from tests.nginx import Nginx, nginx_binary
 from tests.replicas import RECOVERY, Replica
 
@@ -336,22 +336,6 @@ async def test_access_log_never_holds_the_query_token(cluster: Cluster) -> None:
     logs = nginx.access_log_text() + nginx.error_log.read_text()
     for secret in (user.access, user.access.split(".")[2], "forged.token.x"):
         assert secret not in logs
-
-
-async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes no HTTP client library would send; parse the status, headers and body."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(WAIT):
-            raw = await reader.read()  # nginx closes the connection after an error
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split()[1]), headers, body
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from taskd.config import Settings
 from tests.conftest import PASSWORD, User
-from tests.live import WAIT
+from tests.live import WAIT, raw_request
 from tests.replicas import Replica
 
 Client = TestClient[web.Request, web.Application]
@@ -117,3 +118,33 @@ async def test_metric_labels_stay_bounded_whatever_the_client_sends(client: Clie
     assert "PROPFIND" not in text
     assert "/nowhere" not in text
     assert sample(text, "taskd_http_requests_total", method="other", route="unmatched") == 5
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "body"),
+    [
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nBroken header line\r\n\r\n",
+            {"non_field_errors": ["Malformed HTTP request."]},
+        ),
+        (
+            b"INVENTED /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            {"non_field_errors": ["Malformed HTTP request."]},
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+            {"non_field_errors": ["Malformed HTTP request."]},
+        ),
+    ],
+    ids=["malformed-header", "unknown-method", "header-too-large"],
+)
+async def test_http_parser_errors_are_json_too(
+    settings: Settings, replicas: list[Replica], request_bytes: bytes, body: object
+) -> None:
+    replica = Replica(settings)
+    replicas.append(replica)
+    await replica.start()
+    status, headers, raw = await raw_request(replica.port, request_bytes)
+    assert status == 400
+    assert headers["Content-Type"].startswith("application/json")
+    assert json.loads(raw) == body
