@@ -405,3 +405,23 @@ async def test_redis_connections_do_not_grow_with_clients(
         finally:
             for response in responses:
                 response.close()
+
+
+async def test_a_hub_that_falls_behind_the_firehose_ends_its_streams(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(stream={"hub_batch": 5})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "behind")
+    firehose = f"{settings.redis.namespace}:firehose"
+    async with user.sse() as stream:
+        async with raw_redis(settings) as redis, redis.pipeline(transaction=True) as pipe:
+            # In one transaction: a burst, then a trim the hub cannot have read past.
+            for seq in range(1, 51):
+                pipe.xadd(firehose, {"user": 0, "seq": seq, "type": "task.created", "data": "{}"})
+            pipe.xtrim(firehose, maxlen=10, approximate=False)
+            await pipe.execute()
+        # Its subscribers may have missed events: the stream ends so that the client resumes.
+        assert await stream.ends() == []
+    await user.create_task("after")
+    assert [e.id for e in await user.events(after="0-0", count=1)] == ["1-0"]
