@@ -23,12 +23,14 @@ from pathlib import Path
 import aiohttp
 import psycopg2
 from psycopg2.extensions import make_dsn, parse_dsn
+from pydantic import SecretStr
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from taskd import devservers  # noqa: E402
 from taskd.config import load_settings  # noqa: E402
+from taskd.streams import forget_namespace  # noqa: E402
 
 
 def admin(dsn: str, statement: str) -> None:
@@ -103,6 +105,7 @@ async def main() -> None:
             "TASKD_HTTP_PORT": str(port),
             "TASKD_LOG_LEVEL": "WARNING",
         }
+        namespace = env["TASKD_REDIS_NAMESPACE"]
         python = sys.executable
         migrate = await asyncio.create_subprocess_exec(python, "-m", "taskd", "migrate", env=env)
         await migrate.wait()
@@ -117,6 +120,14 @@ async def main() -> None:
             server.terminate()
             await server.wait()
             admin(services.postgres_dsn, f"DROP DATABASE {db} WITH (FORCE)")
+            await forget_namespace(
+                settings.redis.model_copy(
+                    update={
+                        "url": SecretStr(services.redis_url),
+                        "namespace": namespace,
+                    }
+                )
+            )
     for name, values in (("commit->delivery", from_commit), ("request->delivery", from_request)):
         print(
             f"{name}: n={len(values)} median={statistics.median(values):.2f} ms"

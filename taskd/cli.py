@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg2
 from aiohttp import web
 from pydantic import SecretStr
 
@@ -20,8 +21,11 @@ from taskd.config import ConfigError, Settings, check_secret, load_settings
 from taskd.db import migrate_dsn
 from taskd.logs import AccessLogger, setup_logging
 from taskd.server import Runner
+from taskd.streams import REDIS_DOWN, forget_namespace
 
 log = logging.getLogger(__name__)
+
+FIRST_MIGRATION = "001_schema.sql"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,7 +151,7 @@ def _dev(settings: Settings) -> None:
                 "auth": auth,
             }
         )
-        asyncio.run(migrate_dsn(settings.postgres))
+        asyncio.run(_migrate(settings))
         _serve(settings)
 
 
@@ -165,11 +169,31 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _serve(settings, args.workers)
         elif args.command == "migrate":
-            applied = asyncio.run(migrate_dsn(settings.postgres))
+            applied = asyncio.run(_migrate(settings))
             print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
         else:
             _dev(settings)
     except ConfigError as exc:
-        print(f"taskd: configuration error: {exc}")
+        print(f"taskd: configuration error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, psycopg2.Error) as exc:  # e.g. `migrate` with Postgres unreachable
+        print(f"taskd: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _migrate(settings: Settings) -> list[str]:
+    """Apply the schema; a brand-new schema also clears its Redis namespace of another
+    database's events (a dropped and recreated database, a test run, a restore)."""
+    applied = await migrate_dsn(settings.postgres)
+    if applied and applied[0] == FIRST_MIGRATION:
+        try:
+            if forgotten := await forget_namespace(settings.redis):
+                log.warning(
+                    "new schema: deleted %d stale key(s) under redis namespace %r",
+                    forgotten,
+                    settings.redis.namespace,
+                )
+        except REDIS_DOWN as exc:
+            log.warning("new schema, but redis is unreachable to clear its namespace: %s", exc)
+    return applied

@@ -497,7 +497,7 @@ def _ops_paths(b: _Builder) -> dict[str, Schema]:
                 {"200": _response("OpenAPI 3.1.", {"type": "object"})},
             )
         },
-        "/": plain("webClient", "The web client", "text/html", "The web client's page."),
+        # `GET /` (the web client) joins the document when the route exists.
     }
 
 

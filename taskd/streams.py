@@ -96,6 +96,19 @@ def make_redis(settings: RedisSettings) -> Redis:
     return Redis(connection_pool=pool)
 
 
+async def forget_namespace(settings: RedisSettings) -> int:
+    """Delete every key of the namespace; return how many. For a brand-new schema: events
+    left by another database under the same namespace would be taken for this one's."""
+    client = make_redis(settings)
+    try:
+        doomed = [key async for key in client.scan_iter(match=Keys(settings.namespace).pattern())]
+        for start in range(0, len(doomed), 500):
+            await client.delete(*doomed[start : start + 500])
+        return len(doomed)
+    finally:
+        await client.aclose()
+
+
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """One client per process; a Redis that is down at start-up is not fatal."""
     client = make_redis(app[keys.SETTINGS].redis)

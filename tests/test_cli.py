@@ -15,7 +15,9 @@ from pathlib import Path
 import aiohttp
 
 from taskd import devservers
-from tests.conftest import PASSWORD, PROJECT
+from taskd.config import Settings
+from tests.conftest import PASSWORD, PROJECT, admin_execute, with_dbname
+from tests.live import raw_redis
 
 STARTUP_LIMIT = 120.0  # initdb on a busy machine; a bound, not a goal
 
@@ -89,3 +91,41 @@ async def test_dev_starts_private_servers_serves_and_stops_them() -> None:
     assert not devservers.PostgresServer(devservers.state_dir(workdir) / "postgres").running()
     assert not devservers.redis_reachable(f"redis://127.0.0.1:{redis_port}/0", timeout=1)
     shutil.rmtree(workdir)
+
+
+async def test_migrate_of_a_new_schema_clears_stale_events_from_its_namespace(
+    services: devservers.Services, settings: Settings, tmp_path: Path
+) -> None:
+    name = f"taskd_fresh_{uuid.uuid4().hex[:8]}"
+    admin_execute(services.postgres_dsn, f"CREATE DATABASE {name}")
+    try:
+        env = {
+            "TASKD_POSTGRES_DSN": with_dbname(services.postgres_dsn, name),
+            "TASKD_REDIS_URL": services.redis_url,
+            "TASKD_REDIS_NAMESPACE": settings.redis.namespace,
+        }
+        stale = f"{settings.redis.namespace}:events:1"
+        async with raw_redis(settings) as redis:
+            await redis.xadd(stale, {"data": "from another database"}, id="7-0")
+            proc = await run_taskd("migrate", env=env, cwd=tmp_path)
+            output, _ = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, output.decode()
+            assert not await redis.exists(stale)
+            # An existing schema keeps its events.
+            await redis.xadd(stale, {"data": "this database's"}, id="1-0")
+            proc = await run_taskd("migrate", env=env, cwd=tmp_path)
+            output, _ = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, output.decode()
+            assert b"none needed" in output
+            assert await redis.exists(stale)
+    finally:
+        admin_execute(services.postgres_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_migrate_without_postgres_is_a_one_line_error(tmp_path: Path) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{devservers.free_port()}/taskd"
+    proc = await run_taskd("migrate", env={"TASKD_POSTGRES_DSN": dsn}, cwd=tmp_path)
+    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert b"Traceback" not in output
+    assert b"OperationalError" in output

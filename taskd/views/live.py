@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -80,7 +81,8 @@ async def sse(request: web.Request) -> web.StreamResponse:
         log.debug("sse stream closed by the hub: %s", closed)
         if closed.args and closed.args[0] == "shutdown":
             # Reconnect soon (to another replica); the next stream's own `retry:` resets it.
-            await resp.write(f"retry: {SHUTDOWN_RETRY_MS}\n\n".encode())
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(f"retry: {SHUTDOWN_RETRY_MS}\n\n".encode())
     except (ApiError, *REDIS_DOWN, ConnectionResetError) as exc:
         # Headers are out: end the stream; the client resumes with its Last-Event-ID.
         log.info("sse stream ended: %r", exc)
