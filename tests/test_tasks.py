@@ -396,3 +396,21 @@ async def test_public_url_pins_absolute_urls_whatever_the_host_header(
     assert answer["Location"].startswith("https://tasks.example/api/tasks/")
     _, page, _ = await user.call("GET", "/api/tasks/?limit=2", headers=headers)
     assert page["next"].startswith("https://tasks.example/api/tasks/?")
+
+
+async def test_a_big_page_and_a_big_body_round_trip(alice: User) -> None:
+    # Both are past the size at which JSON is handled off the event loop.
+    big = "d" * 10_000
+    await asyncio.gather(*(alice.create_task(f"t{i}", description=big) for i in range(12)))
+    status, page, headers = await alice.call("GET", "/api/tasks/?ordering=id")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    assert page["count"] == 12
+    assert all(t["description"] == big for t in page["results"])
+    assert headers["X-Stream-Position"] == "12-0"
+    status, body, _ = await alice.call(
+        "PATCH", f"/api/tasks/{page['results'][0]['id']}/", {"description": "é" * 10_000}
+    )
+    assert (status, body["description"]) == (200, "é" * 10_000)
+    status, body, _ = await alice.call("POST", "/api/tasks/", {"title": "x", "bad": "b" * 70_000})
+    assert (status, body) == (400, {"bad": ["Unknown field."]})

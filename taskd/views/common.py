@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -14,6 +15,9 @@ from taskd import keys
 from taskd.errors import NON_FIELD, NotFound, ValidationFailed
 from taskd.schemas import canonical_id
 
+# Bodies above this are parsed or serialised in a thread: a 1 MiB body, or a page of 1,000
+# long tasks, is milliseconds of CPU that every other client of the loop would wait for.
+OFF_LOOP_BYTES = 64 * 1024
 # Exactly what `etag` writes: any other spelling (leading zeros, non-ASCII digits, 5000 digits)
 # names no version.
 ETAG_RE = re.compile(r'"([1-9][0-9]{0,9})"')
@@ -23,10 +27,22 @@ async def read_json(request: web.Request) -> Any:
     """The parsed body; aiohttp raises 413 past `[http] max_body_bytes`."""
     raw = await request.read()
     try:
+        if len(raw) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(json.loads, raw)
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "invalid JSON"
         raise ValidationFailed.one(NON_FIELD, f"JSON parse error - {reason}") from None
+
+
+async def json_response(
+    body: Any, size_hint: int, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response, serialised off the event loop when it is big."""
+    if size_hint > OFF_LOOP_BYTES:
+        text = await asyncio.to_thread(json.dumps, body)
+        return web.Response(text=text, content_type="application/json", headers=headers)
+    return web.json_response(body, headers=headers)
 
 
 def path_id(request: web.Request, name: str = "id") -> int:

@@ -16,7 +16,15 @@ from taskd.schemas import (
     validate_body,
 )
 from taskd.store import Task
-from taskd.views.common import etag, if_match, if_none_match, path_id, public_url, read_json
+from taskd.views.common import (
+    etag,
+    if_match,
+    if_none_match,
+    json_response,
+    path_id,
+    public_url,
+    read_json,
+)
 
 STREAM_POSITION = "X-Stream-Position"
 
@@ -67,7 +75,8 @@ async def list_tasks(request: web.Request) -> web.Response:
         "previous": previous,
         "results": [task_body(task) for task in page.tasks],
     }
-    return web.json_response(body, headers={STREAM_POSITION: f"{page.event_seq}-0"})
+    size = sum(len(t.title) + len(t.description) + 200 for t in page.tasks)
+    return await json_response(body, size, headers={STREAM_POSITION: f"{page.event_seq}-0"})
 
 
 async def create_task(request: web.Request) -> web.Response:
