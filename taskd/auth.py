@@ -163,7 +163,6 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     """The bcrypt thread pool, the password checker and the token service."""
     settings = app[keys.SETTINGS].auth
     executor = ThreadPoolExecutor(settings.bcrypt_threads, thread_name_prefix="bcrypt")
-    app[keys.BCRYPT_EXECUTOR] = executor
     app[keys.TOKENS] = Tokens(settings)
     try:
         app[keys.PASSWORDS] = await Passwords.start(executor, settings.bcrypt_rounds)

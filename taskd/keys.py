@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -22,7 +21,6 @@ SETTINGS = web.AppKey("settings", Settings)
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 PG_POOL: web.AppKey[Any] = web.AppKey("pg_pool")  # aiopg.Pool: aiopg ships no type stubs
 REDIS = web.AppKey("redis", Redis)
-BCRYPT_EXECUTOR = web.AppKey("bcrypt_executor", ThreadPoolExecutor)
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 TOKENS: web.AppKey[Tokens] = web.AppKey("tokens")
 THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
