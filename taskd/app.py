@@ -29,8 +29,7 @@ class Lifecycle:
 
 async def throttle_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    keyspace = Keys(settings.redis.namespace)
-    app[keys.THROTTLE] = Throttle(app[keys.REDIS], keyspace, settings.throttle)
+    app[keys.THROTTLE] = Throttle(app[keys.REDIS], app[keys.KEYSPACE], settings.throttle)
     yield
 
 
@@ -63,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[keys.SETTINGS] = settings
     app[keys.LIFECYCLE] = Lifecycle()
+    app[keys.KEYSPACE] = Keys(settings.redis.namespace)
     app[keys.METRICS] = Metrics()
     app.on_response_prepare.append(add_request_id)
     # Started in this order, stopped in reverse.

@@ -355,7 +355,7 @@ async def open_feed(app: web.Application, user_id: int, kind: str, resume: str |
         sub,
         app[keys.PG_POOL],
         app[keys.REDIS],
-        Keys(settings.redis.namespace),
+        app[keys.KEYSPACE],
         settings.stream,
         0,
     )
@@ -375,7 +375,7 @@ async def end_streams(app: web.Application) -> None:
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    hub = Hub(settings.redis, settings.stream, Keys(settings.redis.namespace))
+    hub = Hub(settings.redis, settings.stream, app[keys.KEYSPACE])
     app[keys.HUB] = hub
     task = asyncio.create_task(hub.run(), name="taskd-hub")
     # Serve streams from the first request when Redis answers; start anyway when it does not.

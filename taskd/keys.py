@@ -15,9 +15,11 @@ if TYPE_CHECKING:
     from taskd.hub import Hub
     from taskd.metrics import Metrics
     from taskd.relay import Doorbell, Relay
+    from taskd.streams import Keys as RedisKeys
     from taskd.throttle import Throttle
 
 SETTINGS = web.AppKey("settings", Settings)
+KEYSPACE: web.AppKey[RedisKeys] = web.AppKey("keyspace")  # Redis key names, namespaced
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 PG_POOL: web.AppKey[Any] = web.AppKey("pg_pool")  # aiopg.Pool: aiopg ships no type stubs
 REDIS = web.AppKey("redis", Redis)

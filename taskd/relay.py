@@ -216,7 +216,7 @@ class Relay:
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """The doorbell and the relay loop run in every replica; only the leader publishes."""
     settings = app[keys.SETTINGS]
-    keyspace = Keys(settings.redis.namespace)
+    keyspace = app[keys.KEYSPACE]
     redis = app[keys.REDIS]
     doorbell = Doorbell(redis, keyspace.doorbell())
     relay = Relay(settings.postgres, settings.relay, settings.stream, redis, keyspace)
