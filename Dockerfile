@@ -9,13 +9,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY taskd/ taskd/
+COPY sql/ sql/
 RUN python -m pip wheel --wheel-dir /wheels . \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-index --find-links /wheels taskd \
  && /opt/venv/bin/pip uninstall -y pip
-# `taskd migrate` reads the schema files from <the package's parent>/sql (taskd/db.py SQL_DIR):
-# for an installed package that is site-packages/sql.
-COPY sql/ /opt/venv/lib/python3.11/site-packages/sql/
 
 # ---- runtime: the virtualenv only ---------------------------------------------------------
 FROM python:3.11.11-slim-bookworm

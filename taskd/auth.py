@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,7 @@ from aiohttp.typedefs import Handler
 
 from taskd import keys
 from taskd.config import AuthSettings
-from taskd.errors import NotAuthenticated, TokenInvalid
+from taskd.errors import NotAuthenticated, TokenInvalid, Unavailable
 from taskd.schemas import PASSWORD_MAX_BYTES, canonical_id
 
 TokenType = Literal["access", "refresh"]
@@ -26,6 +27,7 @@ PUBLIC = "_taskd_public"
 QUERY_TOKEN = "_taskd_query_token"
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 
 def public(handler: F) -> F:
@@ -40,36 +42,98 @@ def query_token(handler: F) -> F:
     return handler
 
 
-class Passwords:
-    """bcrypt in a bounded thread pool: ~100-300 ms of CPU per call never runs on the loop."""
+MIN_ROUNDS = 4  # bcrypt's lowest cost
 
-    def __init__(self, executor: ThreadPoolExecutor, rounds: int, dummy_hash: bytes) -> None:
+
+def _cost(hashed: bytes) -> int | None:
+    """The cost of a stored `$2b$NN$...` hash."""
+    digits = hashed[4:6]
+    return int(digits) if digits.isdigit() else None
+
+
+class Passwords:
+    """bcrypt in a bounded thread pool: ~100-300 ms of CPU per call never runs on the loop.
+
+    Work is admitted only while the pool can finish it within `max_wait` seconds: past that a
+    login storm is answered 503 at once instead of queueing without bound. Every check costs
+    the work of one hash at the configured cost, whether the account exists or not and
+    whatever cost its stored hash has (when that is lower), so timing tells nothing.
+    """
+
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        threads: int,
+        rounds: int,
+        max_wait: float,
+        dummies: dict[int, bytes],
+        seconds_per_hash: float,
+    ) -> None:
         self._executor = executor
+        self._threads = threads
         self._rounds = rounds
-        self._dummy_hash = dummy_hash  # at the current cost: checked when there is no account
+        self._max_wait = max_wait
+        self._dummies = dummies  # one hash per cost up to the configured one
+        self._seconds_per_hash = seconds_per_hash  # at the configured cost, measured
+        self._queued = 0.0  # admitted work not yet finished, in hashes at the configured cost
 
     @classmethod
-    async def start(cls, executor: ThreadPoolExecutor, rounds: int) -> Passwords:
-        """A checker whose dummy hash is made now, so no login pays for it (or races to)."""
-        salt = bcrypt.gensalt(rounds)
-        dummy = await asyncio.get_running_loop().run_in_executor(
-            executor, bcrypt.hashpw, uuid.uuid4().hex.encode(), salt
-        )
-        return cls(executor, rounds, dummy)
+    async def start(cls, settings: AuthSettings, executor: ThreadPoolExecutor) -> Passwords:
+        """Make the dummy hashes now (every cost up to the configured one: together about
+        the work of one more hash), so no login pays for them or races to."""
+        secret = uuid.uuid4().hex.encode()
+        rounds = settings.bcrypt_rounds
 
-    async def _run(self, fn: Callable[..., bytes | bool], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        def make() -> tuple[dict[int, bytes], float]:
+            dummies = {
+                c: bcrypt.hashpw(secret, bcrypt.gensalt(c)) for c in range(MIN_ROUNDS, rounds)
+            }
+            started = time.perf_counter()
+            dummies[rounds] = bcrypt.hashpw(secret, bcrypt.gensalt(rounds))
+            return dummies, time.perf_counter() - started
+
+        dummies, seconds = await asyncio.get_running_loop().run_in_executor(executor, make)
+        return cls(
+            executor, settings.bcrypt_threads, rounds, settings.bcrypt_max_wait, dummies, seconds
+        )
+
+    @property
+    def busy(self) -> float:
+        """Seconds the admitted hashing work will take the pool to finish."""
+        return self._queued * self._seconds_per_hash / self._threads
+
+    async def _run(self, work: float, fn: Callable[[], R]) -> R:
+        """Run `fn` (costing `work` hashes) in the pool, or 503 if it would wait too long."""
+        wait = (self._queued + work) * self._seconds_per_hash / self._threads
+        # A free thread always takes the work, however slow one hash is on this machine.
+        if self._queued + work > self._threads and wait > self._max_wait:
+            raise Unavailable("Too many logins right now.", retry_after=max(1, math.ceil(wait)))
+        self._queued += work
+
+        def timed() -> tuple[R, float]:
+            started = time.perf_counter()
+            return fn(), time.perf_counter() - started
+
+        try:
+            result, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, timed
+            )
+        finally:
+            self._queued -= work
+        # Follow the machine's real speed (load, CPU steal): a moving average per hash.
+        self._seconds_per_hash += 0.2 * (seconds / work - self._seconds_per_hash)
+        return result
 
     async def hash(self, password: str) -> bytes:
         salt = bcrypt.gensalt(self._rounds)
-        return bytes(await self._run(bcrypt.hashpw, password.encode(), salt))
+        return await self._run(1.0, lambda: bcrypt.hashpw(password.encode(), salt))
 
     def needs_rehash(self, hashed: bytes) -> bool:
-        """Whether a stored hash (`$2b$NN$...`) has another cost than the configured one."""
-        return hashed[4:7] != b"%02d$" % self._rounds
+        """Whether a stored hash has another cost than the configured one."""
+        return _cost(hashed) != self._rounds
 
     async def verify(self, password: str, hashed: bytes | None) -> bool:
-        """Check a password; with no hash (unknown user) spend the same time and fail."""
+        """Check a password; with no hash (unknown user) spend the same work and fail."""
         try:
             candidate: bytes | None = password.encode()
         except UnicodeEncodeError:  # a lone surrogate, which registration refuses
@@ -77,7 +141,20 @@ class Passwords:
         if candidate is None or len(candidate) > PASSWORD_MAX_BYTES:
             # No account can have it (bcrypt 5 raises on over-long ones); still spend a check.
             candidate, hashed = b"x", None
-        ok = bool(await self._run(bcrypt.checkpw, candidate, hashed or self._dummy_hash))
+        target = hashed or self._dummies[self._rounds]
+        cost = _cost(target) or self._rounds
+        # A hash at a lower cost (the cost was raised since) is padded with dummy checks at
+        # costs cost .. rounds-1: 2^cost + (2^cost + ... + 2^(rounds-1)) = 2^rounds.
+        padding = [self._dummies[c] for c in range(max(cost, MIN_ROUNDS), self._rounds)]
+        work = max(1.0, 2.0 ** (cost - self._rounds))
+
+        def check() -> bool:
+            ok = bcrypt.checkpw(candidate, target)
+            for dummy in padding:
+                bcrypt.checkpw(b"x", dummy)
+            return ok
+
+        ok = await self._run(work, check)
         return ok and hashed is not None
 
 
@@ -165,7 +242,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     executor = ThreadPoolExecutor(settings.bcrypt_threads, thread_name_prefix="bcrypt")
     app[keys.TOKENS] = Tokens(settings)
     try:
-        app[keys.PASSWORDS] = await Passwords.start(executor, settings.bcrypt_rounds)
+        app[keys.PASSWORDS] = await Passwords.start(settings, executor)
         yield
     finally:
         executor.shutdown(wait=True, cancel_futures=True)

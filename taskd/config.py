@@ -102,6 +102,7 @@ class AuthSettings(_Section):
     refresh_ttl: int = Field(86_400, ge=1)
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     bcrypt_threads: int = Field(2, ge=1)
+    bcrypt_max_wait: float = Field(2.0, gt=0)
 
 
 class ThrottleSettings(_Section):
@@ -113,10 +114,15 @@ class ThrottleSettings(_Section):
 
 
 class StreamSettings(_Section):
-    maxlen: int = Field(10_000, ge=1)
+    maxlen: int = Field(1000, ge=1)
     firehose_maxlen: int = Field(10_000, ge=1)
+    firehose_inline_bytes: int = Field(4096, ge=256)
     ping_interval: float = Field(15.0, gt=0)
     queue_size: int = Field(1000, ge=1)
+    queue_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    catch_up_bytes: int = Field(256 * 1024, ge=1024)
+    max_per_user: int = Field(32, ge=1)
+    reconnect_wait: float = Field(1.0, ge=0)
     retry_ms: int = Field(2000, ge=0)
     catch_up_batch: int = Field(500, ge=1)
     hub_batch: int = Field(500, ge=1)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,24 @@ import aiopg
 import psycopg2
 from aiohttp import web
 
-from taskd import keys
+from taskd import keys, store
 from taskd.config import PostgresSettings
 from taskd.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+def _sql_dir() -> Path:
+    """Where the schema files are: `taskd/sql/` in an installed package (pyproject.toml ships
+    the project's `sql/` there), else the checkout's `sql/` (an editable install, whose import
+    hook cannot resolve that mapped directory: it has no `__init__.py`)."""
+    shipped = importlib.resources.files("taskd") / "sql"
+    if isinstance(shipped, Path) and shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+SQL_DIR = _sql_dir()
 # Any constant works: it only has to be the same for every replica running `migrate`.
 MIGRATION_LOCK = 7_243_001
 
@@ -91,9 +103,29 @@ async def cursor(pool: Any) -> AsyncIterator[Cursor]:
         raise Unavailable() from None
 
 
+async def _fill_username_keys(cur: Cursor) -> None:
+    if clashes := await store.backfill_username_keys(cur):
+        log.warning(
+            "accounts %s share a canonical username with an older account: they cannot log"
+            " in until renamed (see README, Accounts)",
+            clashes,
+        )
+
+
+# What a migration needs done in Python, in its transaction, right after its SQL (a rule SQL
+# cannot state, such as Unicode case folding).
+AFTER_FILE: dict[str, Callable[[Cursor], Awaitable[None]]] = {
+    "003_hardening.sql": _fill_username_keys,
+}
+
+
 def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
-    """The numbered schema files, in the order they apply."""
-    return sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql"))
+    """The numbered schema files, in the order they apply. None at all is an error: an
+    install without them would otherwise report that nothing needs applying."""
+    found = sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql"))
+    if not found:
+        raise FileNotFoundError(f"no migration files (NNN_*.sql) in {sql_dir}")
+    return found
 
 
 async def migrate(cur: Cursor, sql_dir: Path = SQL_DIR) -> list[str]:
@@ -112,6 +144,8 @@ async def migrate(cur: Cursor, sql_dir: Path = SQL_DIR) -> list[str]:
                 continue
             async with cur.begin():
                 await cur.execute(path.read_text(encoding="utf-8"))
+                if (step := AFTER_FILE.get(path.name)) is not None:
+                    await step(cur)
                 await cur.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
             log.info("applied migration %s", path.name)
             applied.append(path.name)

@@ -1,56 +1,28 @@
 """The per-process hub: tails the firehose on one connection and fans events out to bounded
-subscriber queues; `Feed` turns a subscription into the exact, gapless sequence a client sees.
-
-Ids are dense per user, so a subscriber at `last` expects `last + 1`: anything lower is a
-repeat, anything higher means something is missing, which is filled from the user's stream,
-or answered with a `reset` when Redis no longer has it (DESIGN.md, "Read path").
-"""
+subscriber queues (one per live connection). What a client sees is built by `feed.Feed`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
 
-from taskd import db, keys, store
+from taskd import keys
+from taskd.background import Backoff, stop_background, stop_requested
 from taskd.config import RedisSettings, StreamSettings
-from taskd.errors import Unavailable
-from taskd.streams import (
-    REDIS_DOWN,
-    Event,
-    Keys,
-    event_from_entry,
-    event_id,
-    parse_event_id,
-    stop_background,
-    stop_requested,
-)
+from taskd.errors import Throttled, Unavailable
+from taskd.streams import REDIS_DOWN, Event, Keys, as_entries, event_from_entry, xread_entries
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """The client must re-read the list; the stream continues after `position`."""
-
-    reason: str  # "trimmed" | "malformed" | "ahead"
-    position: int
-
-    @property
-    def data(self) -> str:
-        body = {"type": "reset", "reason": self.reason, "position": event_id(self.position)}
-        return json.dumps(body)
-
-
-Item = Event | Reset
+# Seconds a client over `stream.max_per_user` is asked to wait: connections of a user that
+# went away (a closed tab) are noticed within a ping interval at most.
+BUSY_RETRY_AFTER = 5
 
 
 class Closed(Exception):
@@ -58,32 +30,47 @@ class Closed(Exception):
 
 
 class Subscription:
-    """One live connection's inbox. Bounded: overflow closes it instead of growing."""
+    """One live connection's inbox. Bounded in events and in bytes: overflow closes it
+    instead of growing; the client resumes from Redis."""
 
-    def __init__(self, user_id: int, kind: str, limit: int) -> None:
+    def __init__(self, user_id: int, kind: str, max_events: int, max_bytes: int) -> None:
         self.user_id = user_id
         self.kind = kind  # "sse" or "ws", for metrics
-        self._limit = limit
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._queue: deque[Event] = deque()
+        self._bytes = 0
+        self._wakeup = asyncio.Event()
         self.closed: str | None = None
 
     def offer(self, event: Event) -> None:
         if self.closed:
             return
-        if self._queue.qsize() >= self._limit:
+        size = event.size
+        if len(self._queue) >= self._max_events or self._bytes + size > self._max_bytes:
             self.close("overflow")
-        else:
-            self._queue.put_nowait(event)
+            return
+        self._queue.append(event)
+        self._bytes += size
+        self._wakeup.set()
 
     def close(self, reason: str) -> None:
         if not self.closed:
             self.closed = reason
-            self._queue.put_nowait(None)  # wakes the reader; the queue has no hard cap
+            self._queue.clear()
+            self._bytes = 0
+            self._wakeup.set()
 
     async def get(self) -> Event:
-        event = await self._queue.get()
-        if event is None:
+        while not self._queue:
+            if self.closed:
+                raise Closed(self.closed)
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self.closed:
             raise Closed(self.closed)
+        event = self._queue.popleft()
+        self._bytes -= event.size
         return event
 
 
@@ -95,16 +82,37 @@ class Hub:
         self._settings = stream
         self._keys = keyspace
         self._subscribers: dict[int, set[Subscription]] = {}
-        self.connected = False
-        self.first_connect = asyncio.Event()
+        self._up = asyncio.Event()  # set while the firehose is tailed
         self.delivered = 0
 
-    def subscribe(self, user_id: int, kind: str) -> Subscription:
-        if not self.connected:
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_connected(self, patience: float) -> bool:
+        """Whether the hub tails the firehose, waiting up to `patience` seconds for it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(patience):
+                await self._up.wait()
+        return self.connected
+
+    async def subscribe(self, user_id: int, kind: str) -> Subscription:
+        """A new subscriber; 429 past the per-user cap, 503 when the hub is not tailing (after
+        waiting a moment for a reconnect: a browser's EventSource gives up on any non-200)."""
+        self._check_room(user_id)
+        if not await self.wait_connected(self._settings.reconnect_wait):
             raise Unavailable("Live updates are unavailable right now.")
-        sub = Subscription(user_id, kind, self._settings.queue_size)
+        self._check_room(user_id)  # others may have joined meanwhile
+        sub = Subscription(user_id, kind, self._settings.queue_size, self._settings.queue_bytes)
         self._subscribers.setdefault(user_id, set()).add(sub)
         return sub
+
+    def subscribers_of(self, user_id: int) -> int:
+        return len(self._subscribers.get(user_id, ()))
+
+    def _check_room(self, user_id: int) -> None:
+        if self.subscribers_of(user_id) >= self._settings.max_per_user:
+            raise Throttled(BUSY_RETRY_AFTER)
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subscribers.get(sub.user_id)
@@ -137,11 +145,11 @@ class Hub:
 
     async def run(self) -> None:
         """Forever: tail the firehose; on losing Redis end every local stream and retry."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             client = self._client()
             try:
-                await self._tail(client)
+                await self._tail(client, backoff)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -152,28 +160,27 @@ class Hub:
                 elif self.connected:
                     log.warning("hub lost redis (%r): ending local streams", exc)
             finally:
-                self.connected = False
+                self._up.clear()
                 self.close_all("redis")
                 with contextlib.suppress(*REDIS_DOWN):
                     await client.aclose()
             if stop_requested():
                 raise asyncio.CancelledError()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await backoff.sleep()
 
-    async def _tail(self, client: Redis) -> None:
+    async def _tail(self, client: Redis, backoff: Backoff) -> None:
         key, batch = self._keys.firehose(), self._settings.hub_batch
-        newest = _as_entries(await client.xrevrange(key, "+", "-", count=1))
+        newest = as_entries(await client.xrevrange(key, "+", "-", count=1))
         last: bytes | str = newest[0][0] if newest else "0-0"
-        self.connected = True
-        self.first_connect.set()
+        self._up.set()
+        backoff.reset()  # this connection held: the next blip starts from the first delay
         log.info("hub: tailing %s", key)
         block = self._settings.hub_block_ms
         while not stop_requested():
             # A silent, half-open connection must not stall the hub: bound every read.
             async with asyncio.timeout(block / 1000 + self._redis_settings.timeout + 5):
                 reply = await client.xread({key: last}, count=batch, block=block)
-            entries = _entries(reply, key)
+            entries = xread_entries(reply, key)
             before = last
             for entry_id, fields in entries:
                 last = entry_id
@@ -193,7 +200,7 @@ class Hub:
     async def _fell_behind(client: Redis, key: str, before: bytes | str) -> bool:
         """Whether entries after `before` (the id this read started from) were trimmed away
         unread. Errs towards yes when only `before` itself is gone: that costs a resume."""
-        oldest = _as_entries(await client.xrange(key, "-", "+", count=1))
+        oldest = as_entries(await client.xrange(key, "-", "+", count=1))
         if not oldest:
             return False
         return _id_tuple(oldest[0][0]) > _id_tuple(before)
@@ -210,163 +217,6 @@ def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-Entry = tuple[bytes, dict[bytes, bytes]]
-
-
-def _as_entries(reply: Any) -> list[Entry]:
-    """XRANGE/XREVRANGE replies, typed (redis-py's own types are too loose to use)."""
-    return list(reply or [])
-
-
-def _entries(reply: Any, key: str) -> list[Entry]:
-    """XREAD's RESP3 reply `{key: [[(id, fields), ...]]}` as a list of entries."""
-    if not reply:
-        return []
-    value = reply.get(key.encode()) or reply.get(key) or []
-    return _as_entries(value[0] if value and isinstance(value[0], list) else value)
-
-
-class Feed:
-    """What one client receives: catch-up from the user's stream, then live, gapless."""
-
-    def __init__(
-        self,
-        hub: Hub,
-        sub: Subscription,
-        pg_pool: Any,
-        redis: Redis,
-        keyspace: Keys,
-        settings: StreamSettings,
-        last: int,
-    ) -> None:
-        self._hub = hub
-        self._sub = sub
-        self._pool = pg_pool
-        self._redis = redis
-        self._keys = keyspace
-        self._settings = settings
-        self.last = last
-        self._ready: deque[Item] = deque()
-        self._ahead: dict[int, Event] = {}
-        self._need_fill = False
-        self._more = False  # the last read of the user's stream was a full batch
-
-    async def open(self, resume: str | None) -> None:
-        """Fix the start position (before the response headers are sent): after the newest
-        committed event, or after `resume`; a bad or future `resume` queues a reset."""
-        async with db.cursor(self._pool) as cur:
-            state = await store.stream_state(cur, self._sub.user_id)
-        self.last = state.committed
-        if resume is None:
-            return
-        wanted = parse_event_id(resume)
-        if wanted is None:
-            self._ready.append(Reset("malformed", state.committed))
-        elif wanted > state.committed:
-            self._ready.append(Reset("ahead", state.committed))
-        elif wanted < state.committed:
-            self.last = wanted
-            self._need_fill = True
-
-    def close(self) -> None:
-        self._hub.unsubscribe(self._sub)
-
-    async def next(self, wait: float) -> Item | None:
-        """The next item for the client; None when nothing was ready within `wait` seconds
-        (one deadline: repeats and out-of-order events do not extend it)."""
-        deadline = asyncio.get_running_loop().time() + wait
-        while not self._ready:
-            if self._need_fill:
-                await self._fill()
-                continue
-            try:
-                async with asyncio.timeout_at(deadline):
-                    event = await self._sub.get()
-            except TimeoutError:
-                return None
-            self._accept(event)
-        return self._ready.popleft()
-
-    def _accept(self, event: Event) -> None:
-        if event.seq <= self.last:
-            return  # a repeat: the firehose after a relay retry, or a catch-up overlap
-        self._ahead[event.seq] = event
-        if len(self._ahead) > self._settings.queue_size:
-            self._sub.close("overflow")
-        self._advance()
-        if self._ahead or self._more:
-            self._need_fill = True  # something is missing before this event, or still unread
-
-    def _advance(self) -> None:
-        while (event := self._ahead.pop(self.last + 1, None)) is not None:
-            self.last = event.seq
-            self._ready.append(event)
-
-    async def _fill(self) -> None:
-        """Read what follows `last` from the user's stream; decide about anything missing.
-
-        Postgres is asked first, Redis second: an event still in the outbox is pending and
-        will arrive live; one that is neither in the outbox nor in Redis is gone. (The other
-        order races with the relay and sends false resets.)
-        """
-        self._need_fill = False
-        user = self._sub.user_id
-        async with db.cursor(self._pool) as cur:
-            state = await store.stream_state(cur, user)
-        batch = self._settings.catch_up_batch
-        entries = _as_entries(
-            await self._redis.xrange(
-                self._keys.events(user), min=event_id(self.last + 1), max="+", count=batch
-            )
-        )
-        before = self.last
-        for _, fields in entries:
-            event = event_from_entry(fields)
-            if event.seq > self.last:
-                self._ahead[event.seq] = event
-        self._advance()
-        for seq in [s for s in self._ahead if s <= self.last]:
-            del self._ahead[seq]
-        self._more = len(entries) == batch
-        if self._more and self.last > before:
-            self._need_fill = True  # more to read before going live
-            return
-        # No progress: `last + 1` is not in Redis (whether or not more follows it).
-        missing = self.last + 1
-        if missing > state.committed or (
-            state.pending_from is not None and state.pending_from <= missing
-        ):
-            return  # nothing missing yet, or it is pending and will arrive live
-        self._ready.append(Reset("trimmed", state.committed))
-        self.last = state.committed
-        for seq in [s for s in self._ahead if s <= self.last]:
-            del self._ahead[seq]
-        self._advance()
-        self._need_fill = bool(self._ahead) or self._more
-
-
-async def open_feed(app: web.Application, user_id: int, kind: str, resume: str | None) -> Feed:
-    """Register a subscriber for the user and fix its start; 503 when live updates are down."""
-    hub = app[keys.HUB]
-    settings = app[keys.SETTINGS]
-    sub = hub.subscribe(user_id, kind)
-    feed = Feed(
-        hub,
-        sub,
-        app[keys.PG_POOL],
-        app[keys.REDIS],
-        app[keys.KEYSPACE],
-        settings.stream,
-        0,
-    )
-    try:
-        await feed.open(resume)
-    except BaseException:
-        feed.close()
-        raise
-    return feed
-
-
 async def end_streams(app: web.Application) -> None:
     """On shutdown: every live client is told to reconnect (elsewhere) and resume."""
     if keys.HUB in app:
@@ -379,9 +229,7 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.HUB] = hub
     task = asyncio.create_task(hub.run(), name="taskd-hub")
     # Serve streams from the first request when Redis answers; start anyway when it does not.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(settings.redis.timeout * 2):
-            await hub.first_connect.wait()
+    await hub.wait_connected(settings.redis.timeout * 2)
     try:
         yield
     finally:

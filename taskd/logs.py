@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from contextvars import ContextVar
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -17,33 +18,89 @@ from taskd.config import LogSettings
 # The id of the request being handled, added to every log line written meanwhile.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-# `?token=` carries an access token for EventSource clients: it must not reach any log.
-_SECRET_PARAM = re.compile(r"([?&](?:token|access|refresh)=)[^&#\s]*", re.IGNORECASE)
+# A query parameter whose name contains one of these words carries a credential (`?token=` is
+# how EventSource clients authenticate; nginx's access log uses the same rule).
+_SECRET_WORDS = ("token", "access", "refresh")
+
+
+def _spelled(word: str, any_case: bool) -> str:
+    """A pattern for `word` in which any character may also be percent-encoded (`%74oken`), as
+    aiohttp decodes a parameter's name before reading it."""
+    parts = []
+    for char in word:
+        forms = sorted({char.lower(), char.upper()} if any_case else {char})
+        encoded = ["%" + "".join(f"[{h}{h.upper()}]" for h in f"{ord(f):02x}") for f in forms]
+        parts.append(f"(?:{'|'.join([*map(re.escape, forms), *encoded])})")
+    return "".join(parts)
+
+
+# Every pattern below runs in linear time whatever the line (a rejected request is logged
+# as received): a match starts only where a name or a run of token characters begins,
+# quantifiers are possessive or atomic, and nothing is scanned twice from one start.
+_NAME = r"[^=&;#?/\s'\"]"
+# A name starts the text or follows `?`, `&`, `;`, white space or a quote; its value runs to
+# the next `&` as aiohttp reads it, or to where a request line or a quoted repr ends.
+_SECRET_PARAM = re.compile(
+    rf"(?<![^?&;\s'\"])(?={_NAME}*?"
+    rf"(?:{'|'.join(_spelled(word, any_case=True) for word in _SECRET_WORDS)}))"
+    rf"({_NAME}++=)[^&#\s'\"\\]*+"
+)
+# A JWT wherever it appears (an Authorization header quoted in a parser error, a body): a run
+# of base64url characters, dots and %XX escapes in which `eyJ` (a JSON header, `{"`) is
+# followed by `.<segment>.`. The whole run is redacted.
+_RUN = r"(?:[A-Za-z0-9_.-]|%[0-9A-Fa-f]{2})"
+_B64URL = r"(?:[A-Za-z0-9_-]|%(?!2[Ee])[0-9A-Fa-f]{2})"
+_DOT = r"(?:\.|%2[Ee])"
+_JWT = re.compile(
+    rf"(?<![A-Za-z0-9_.%-])(?>{_RUN}*?{_spelled('eyJ', any_case=False)})"
+    rf"{_RUN}*?{_DOT}{_B64URL}++{_DOT}{_RUN}*+"
+)
+REDACTED = "[redacted]"
 
 
 def redact(text: str) -> str:
-    """Replace the value of any token-bearing query parameter."""
-    return _SECRET_PARAM.sub(r"\1[redacted]", text)
+    """Replace the value of any token-bearing query parameter, and anything shaped like a JWT."""
+    return _JWT.sub(REDACTED, _SECRET_PARAM.sub(rf"\1{REDACTED}", text))
+
+
+def _redact_all(value: Any) -> Any:
+    """`value` with every string in it redacted, however deeply nested."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {_redact_all(k): _redact_all(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_all(v) for v in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; every string in it is redacted, whichever field holds it."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": redact(record.getMessage()),
+            "message": record.getMessage(),
         }
         if (rid := request_id.get()) is not None:
             entry["request_id"] = rid
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        # A value JSON cannot hold is logged as its str(), which is redacted too.
+        return json.dumps(
+            _redact_all(entry), ensure_ascii=False, default=lambda obj: redact(str(obj))
+        )
 
 
 class RedactingFormatter(logging.Formatter):
+    """Text lines, redacted as a whole: message, exception and stack alike."""
+
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
 
@@ -70,8 +127,17 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
+class RedactingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler whose report of a broken log call (arguments that do not fit the
+    message) is redacted too: logging's own prints the raw message and arguments."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        message = f"--- logging error in {record.name}: {record.msg!r} % {record.args!r}\n"
+        self.stream.write(redact(message))
+
+
 def setup_logging(settings: LogSettings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = RedactingHandler(sys.stderr)
     if settings.format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -58,7 +58,11 @@ class Metrics:
         self.redis_connections = Gauge(
             "taskd_redis_connections", "Redis connections held by this process.", registry=r
         )
-        self.backlog = Gauge("taskd_outbox_backlog", "Events waiting in the outbox.", registry=r)
+        self.backlog = Gauge(
+            "taskd_outbox_backlog",
+            f"Events waiting in the outbox (counted up to {store.BACKLOG_COUNT_CAP}).",
+            registry=r,
+        )
         self.backlog_age = Gauge(
             "taskd_outbox_oldest_age_seconds", "Age of the oldest unpublished event.", registry=r
         )

@@ -21,15 +21,17 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from taskd import db, keys, store
+from taskd.background import Backoff, stop_background, stop_requested
 from taskd.config import PostgresSettings, RelaySettings, StreamSettings
 from taskd.streams import (
     REDIS_DOWN,
+    Event,
     Keys,
+    as_entries,
     encode_event,
     entry_fields,
     event_id,
-    stop_background,
-    stop_requested,
+    firehose_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class Doorbell:
 
 
 class Relay:
-    """Elect, then publish outbox rows in (user, seq) order and delete what Redis has."""
+    """Elect, then publish outbox rows in commit order and delete what Redis has."""
 
     def __init__(
         self,
@@ -90,7 +92,7 @@ class Relay:
 
     async def run(self) -> None:
         """Forever: connect, try to lead, publish while leading; back off on any failure."""
-        backoff, failures = 0.1, 0
+        backoff, failures = Backoff(0.1, self._settings.max_backoff), 0
         while True:
             try:
                 async with (
@@ -101,7 +103,8 @@ class Relay:
                         await cur.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
                         if (await cur.fetchone())[0]:
                             await self._lead(cur)
-                        backoff, failures = 0.1, 0
+                        backoff.reset()
+                        failures = 0
                         if stop_requested():
                             raise asyncio.CancelledError()
                         await asyncio.sleep(self._settings.sweep_interval)
@@ -127,8 +130,7 @@ class Relay:
                 self.is_leader = False
             if stop_requested():
                 raise asyncio.CancelledError()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._settings.max_backoff)
+            await backoff.sleep()
 
     async def _lead(self, cur: Any) -> None:
         """Publish until something fails; every sweep's queries also keep the lease alive."""
@@ -172,45 +174,98 @@ class Relay:
         if not rows:
             return 0
         events = [encode_event(row) for row in rows]
+        refused: list[Event] = []
+        failed: set[int] = set()
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for event in events:
-                    fields = entry_fields(event)
-                    pipe.xadd(
-                        self._keys.events(event.user_id),
-                        fields,
-                        id=event_id(event.seq),
-                        maxlen=self._stream.maxlen,
-                        approximate=True,
-                    )
-                    # Sent even when the per-user entry exists already: a relay that died
-                    # between the two must not leave live subscribers waiting.
-                    pipe.xadd(
-                        self._keys.firehose(),
-                        fields,
-                        maxlen=self._stream.firehose_maxlen,
-                        approximate=True,
-                    )
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._publish(events)
+            for event, result in zip(events, results[::2], strict=True):
+                if isinstance(result, ResponseError):
+                    if "equal or smaller" in str(result):
+                        refused.append(event)
+                    else:
+                        # A WRONGTYPE key, say: hold that user's events back, without
+                        # blocking everyone else's.
+                        failed.add(event.user_id)
+                        log.error(
+                            "relay: cannot publish events of user %d: %s", event.user_id, result
+                        )
+            diverged = await self._diverged(refused)
+            for user_id in diverged:
+                await self._move_above_redis(cur, user_id)
         except REDIS_DOWN as exc:
             log.warning(
                 "relay: redis unavailable, %d event(s) wait in the outbox: %s", len(rows), exc
             )
             return 0  # the caller waits a sweep interval before trying again
-        failed: set[int] = set()
-        for event, result in zip(events, results[::2], strict=True):
-            # "Equal or smaller" means already published; anything else (a WRONGTYPE key, say)
-            # holds that user's events back, without blocking everyone else's.
-            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
-                failed.add(event.user_id)
-                log.error("relay: cannot publish events of user %d: %s", event.user_id, result)
         now = asyncio.get_running_loop().time()
         for user_id in failed:
             self._held_back[user_id] = now + HOLD_BACK_SECONDS
-        done = [(row.user_id, row.seq) for row in rows if row.user_id not in failed]
+        # A renumbered user's rows stay: they go out under their new numbers next sweep.
+        skip = failed | diverged
+        done = [(row.user_id, row.seq) for row in rows if row.user_id not in skip]
         await store.delete_outbox(cur, done)
         self.published += len(done)
         return len(rows)
+
+    async def _publish(self, events: list[Event]) -> list[Any]:
+        """XADD each event to its user's stream and to the firehose, in one MULTI/EXEC;
+        the replies, two per event."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for event in events:
+                # Trimmed exactly: `maxlen` then bounds a user's stream in bytes too.
+                pipe.xadd(
+                    self._keys.events(event.user_id),
+                    entry_fields(event),
+                    id=event_id(event.seq),
+                    maxlen=self._stream.maxlen,
+                    approximate=False,
+                )
+                # Sent even when the per-user entry exists already: a relay that died
+                # between the two must not leave live subscribers waiting.
+                pipe.xadd(
+                    self._keys.firehose(),
+                    firehose_fields(event, self._stream.firehose_inline_bytes),
+                    maxlen=self._stream.firehose_maxlen,
+                    approximate=True,
+                )
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def _diverged(self, refused: list[Event]) -> set[int]:
+        """Users for whom Redis refused an event id it holds *another* event under.
+
+        A refused id normally means "published already" (a relay that died before deleting
+        its rows). But after a database restore, or a failover to a lagging standby, the
+        sequence falls behind what Redis holds, and the new event would vanish under an old
+        one's id. Redis' entry at that id tells the two apart.
+        """
+        if not refused:
+            return set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for event in refused:
+                seq_id = event_id(event.seq)
+                pipe.xrange(self._keys.events(event.user_id), min=seq_id, max=seq_id)
+            held = await pipe.execute()
+        diverged = set()
+        for event, entries in zip(refused, held, strict=True):
+            data = entries[0][1].get(b"data") if entries else None
+            if data is None or data.decode() != event.data:
+                diverged.add(event.user_id)
+        return diverged
+
+    async def _move_above_redis(self, cur: Any, user_id: int) -> None:
+        """Renumber the user's pending events above Redis' newest, leaving one id unused:
+        a subscriber of the old history then meets a gap that nothing can fill, and is
+        sent `reset`; no id ever names two events."""
+        newest = as_entries(await self._redis.xrevrange(self._keys.events(user_id), count=1))
+        top = int(newest[0][0].partition(b"-")[0]) if newest else 0
+        shift = await store.renumber_pending(cur, user_id, top + 2)
+        if shift:
+            log.warning(
+                "relay: user %d's event sequence was behind redis (a restored database?):"
+                " pending events renumbered from %d-0, clients will reset",
+                user_id,
+                top + 2,
+            )
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ import psycopg2
 from psycopg2 import errorcodes
 
 from taskd.errors import NotFound, PreconditionFailed
+from taskd.models import canonical_username
 
 Cursor = Any  # aiopg.Cursor
 
@@ -59,25 +60,26 @@ class UsernameTaken(Exception):
 # --- users -----------------------------------------------------------------------------------
 
 INSERT_USER = """
-INSERT INTO users (username, email, password_hash) VALUES (%s, %s, %s)
+INSERT INTO users (username, username_key, email, password_hash) VALUES (%s, %s, %s, %s)
 RETURNING id, username, email
 """
-USERNAME_EXISTS = "SELECT 1 FROM users WHERE lower(username) = lower(%s)"
+USERNAME_EXISTS = "SELECT 1 FROM users WHERE username_key = %s"
 GET_USER = "SELECT id, username, email FROM users WHERE id = %s"
-GET_CREDENTIALS = "SELECT id, password_hash FROM users WHERE lower(username) = lower(%s)"
+GET_CREDENTIALS = "SELECT id, password_hash FROM users WHERE username_key = %s"
 # Only over the hash that was checked: a concurrent change of it wins.
 UPDATE_PASSWORD_HASH = "UPDATE users SET password_hash = %s WHERE id = %s AND password_hash = %s"
 
 
 async def username_exists(cur: Cursor, username: str) -> bool:
-    await cur.execute(USERNAME_EXISTS, (username,))
+    await cur.execute(USERNAME_EXISTS, (canonical_username(username),))
     return bool(await cur.fetchone())
 
 
 async def create_user(cur: Cursor, username: str, email: str, password_hash: bytes) -> User:
-    """Insert an account; `UsernameTaken` when the name is in use."""
+    """Insert an account; `UsernameTaken` when the name's canonical form is in use."""
+    params = (username, canonical_username(username), email, password_hash.decode())
     try:
-        await cur.execute(INSERT_USER, (username, email, password_hash.decode()))
+        await cur.execute(INSERT_USER, params)
     except psycopg2.IntegrityError as exc:
         if exc.pgcode == errorcodes.UNIQUE_VIOLATION:
             raise UsernameTaken(username) from None
@@ -92,7 +94,7 @@ async def get_user(cur: Cursor, user_id: int) -> User | None:
 
 
 async def get_credentials(cur: Cursor, username: str) -> Credentials | None:
-    await cur.execute(GET_CREDENTIALS, (username,))
+    await cur.execute(GET_CREDENTIALS, (canonical_username(username),))
     row = await cur.fetchone()
     return Credentials(row[0], row[1].encode()) if row else None
 
@@ -103,44 +105,90 @@ async def update_password_hash(cur: Cursor, credentials: Credentials, new_hash: 
     await cur.execute(UPDATE_PASSWORD_HASH, params)
 
 
+USERS_WITHOUT_KEY = "SELECT id, username FROM users WHERE username_key IS NULL ORDER BY id"
+TAKEN_KEYS = "SELECT username_key FROM users WHERE username_key = ANY(%s)"
+SET_USERNAME_KEYS = """
+UPDATE users u SET username_key = k.key FROM unnest(%s::bigint[], %s::text[]) AS k(id, key)
+WHERE u.id = k.id
+"""
+USERNAME_KEY_REQUIRED = "ALTER TABLE users ALTER COLUMN username_key SET NOT NULL"
+
+
+async def backfill_username_keys(cur: Cursor) -> list[int]:
+    """Migration 003: give every account its canonical username; return the ids that clash.
+
+    Two old accounts may share a canonical form (`Straße` and `STRASSE` were distinct under
+    `lower()`): the older keeps it, a newer one gets `<key>#<id>`, which no login can type
+    (`#` is not a username character) until an operator renames one of them.
+    """
+    await cur.execute(USERS_WITHOUT_KEY)
+    rows = await cur.fetchall()
+    wanted = {user_id: canonical_username(name) for user_id, name in rows}
+    await cur.execute(TAKEN_KEYS, (list(set(wanted.values())),))
+    taken = {row[0] for row in await cur.fetchall()}
+    clashes, keys = [], []
+    for user_id, key in wanted.items():
+        if key in taken:
+            clashes.append(user_id)
+            key = f"{key}#{user_id}"
+        taken.add(key)
+        keys.append(key)
+    if wanted:
+        await cur.execute(SET_USERNAME_KEYS, (list(wanted), keys))
+    await cur.execute(USERNAME_KEY_REQUIRED)
+    return clashes
+
+
 # --- refresh tokens --------------------------------------------------------------------------
 
-# A login also forgets the user's expired tokens, so the table stays the size of the live
-# logins (an expired token is refused by its `exp` before any lookup).
+# A login also forgets the user's expired families and tokens, so the tables stay the size of
+# the live logins (an expired token is refused by its `exp` before any lookup).
 INSERT_REFRESH = """
-WITH expired AS (
+WITH expired_families AS (
+    DELETE FROM refresh_families WHERE user_id = %(user_id)s AND expires_at < now()
+), expired_tokens AS (
     DELETE FROM refresh_tokens WHERE user_id = %(user_id)s AND expires_at < now()
+), family AS (
+    INSERT INTO refresh_families (id, user_id, expires_at)
+    VALUES (%(family)s, %(user_id)s, now() + make_interval(secs => %(ttl)s))
+    RETURNING id, user_id, expires_at
 )
 INSERT INTO refresh_tokens (jti, family, user_id, expires_at)
-VALUES (%(jti)s, %(family)s, %(user_id)s, now() + make_interval(secs => %(ttl)s))
+SELECT %(jti)s, id, user_id, expires_at FROM family
 """
-# Consume the presented token and issue its successor in one statement: of two concurrent
-# refreshes with one token exactly one finds `used_at IS NULL`.
+# Consume the presented token and issue its successor in one statement. Of two concurrent
+# refreshes with one token exactly one finds `used_at IS NULL`. The successor is issued only
+# through an UPDATE of the family row that finds it unrevoked: that UPDATE waits for a
+# concurrent revocation and re-checks after it, so rotation and revocation are serialised,
+# and a family revoked at any point never gains a live token.
 ROTATE_REFRESH = """
 WITH consumed AS (
     UPDATE refresh_tokens SET used_at = now()
-    WHERE jti = %(jti)s AND used_at IS NULL AND revoked_at IS NULL AND expires_at > now()
-    RETURNING family, user_id
+    WHERE jti = %(jti)s AND used_at IS NULL AND expires_at > now()
+    RETURNING family
+), family AS (
+    UPDATE refresh_families f SET expires_at = now() + make_interval(secs => %(ttl)s)
+    FROM consumed c
+    WHERE f.id = c.family AND f.revoked_at IS NULL
+    RETURNING f.id, f.user_id
 )
 INSERT INTO refresh_tokens (jti, family, user_id, expires_at)
-SELECT %(new_jti)s, family, user_id, now() + make_interval(secs => %(ttl)s) FROM consumed
+SELECT %(new_jti)s, id, user_id, now() + make_interval(secs => %(ttl)s) FROM family
 RETURNING user_id
 """
 # A consumed token presented again is taken as theft: the whole family goes.
 REVOKE_FAMILY_IF_REUSED = """
-UPDATE refresh_tokens SET revoked_at = now()
-WHERE family = (SELECT family FROM refresh_tokens WHERE jti = %s AND used_at IS NOT NULL)
+UPDATE refresh_families SET revoked_at = now()
+WHERE id = (SELECT family FROM refresh_tokens WHERE jti = %s AND used_at IS NOT NULL)
   AND revoked_at IS NULL
 """
 # Logout: revoke the family of a token that is still live; report whether it was.
 REVOKE_FAMILY_OF_LIVE = """
-WITH live AS (
-    SELECT family FROM refresh_tokens
-    WHERE jti = %s AND used_at IS NULL AND revoked_at IS NULL AND expires_at > now()
-)
-UPDATE refresh_tokens SET revoked_at = now()
-WHERE family = (SELECT family FROM live) AND revoked_at IS NULL
-RETURNING jti
+UPDATE refresh_families f SET revoked_at = now()
+FROM refresh_tokens t
+WHERE t.jti = %s AND t.used_at IS NULL AND t.expires_at > now()
+  AND f.id = t.family AND f.revoked_at IS NULL
+RETURNING f.id
 """
 
 
@@ -400,11 +448,13 @@ class StreamState:
     pending_from: int | None  # the oldest event still waiting in the outbox, if any
 
 
-# Whatever is there, in (user, seq) order: never "ids above the last one seen", since a row
-# can commit after a row with a higher number was read (DESIGN.md, pitfalls).
+# Whatever is there, oldest first: never "ids above the last one seen", since a row can commit
+# after a row with a higher id was read (DESIGN.md, pitfalls). `id` is taken at insert, after
+# the user's row lock, so one user's rows come in `seq` order, and one user's backlog does not
+# hold back everyone else's.
 FETCH_OUTBOX = """
 SELECT user_id, seq, kind, task_id, version, title, description, done, created_at, updated_at, at
-FROM outbox WHERE NOT (user_id = ANY(%s::bigint[])) ORDER BY user_id, seq LIMIT %s
+FROM outbox WHERE NOT (user_id = ANY(%s::bigint[])) ORDER BY id LIMIT %s
 """
 DELETE_OUTBOX = """
 DELETE FROM outbox o USING unnest(%s::bigint[], %s::bigint[]) AS d(user_id, seq)
@@ -448,6 +498,36 @@ async def delete_outbox(cur: Cursor, published: list[tuple[int, int]]) -> None:
     await cur.execute(DELETE_OUTBOX, (users, seqs))
 
 
+LOCK_USER_SEQ = "SELECT event_seq FROM users WHERE id = %s FOR UPDATE"
+FIRST_PENDING = "SELECT min(seq) FROM outbox WHERE user_id = %s"
+# In two steps, through negative numbers: shifting in place would collide with the primary key.
+SHIFT_PENDING = (
+    "UPDATE outbox SET seq = -(seq + %(shift)s) WHERE user_id = %(user_id)s",
+    "UPDATE outbox SET seq = -seq WHERE user_id = %(user_id)s AND seq < 0",
+    "UPDATE users SET event_seq = event_seq + %(shift)s WHERE id = %(user_id)s",
+)
+
+
+async def renumber_pending(cur: Cursor, user_id: int, first: int) -> int:
+    """Move the user's unpublished events (and sequence) up so the oldest becomes `first`;
+    return the shift (0 when nothing was pending or nothing needed moving).
+
+    For a sequence that fell behind what Redis holds (a restored database, a failover to a
+    lagging standby): event ids must never be reused, so new events go above the old ones.
+    The user's row lock holds writers back meanwhile.
+    """
+    async with cur.begin():
+        await cur.execute(LOCK_USER_SEQ, (user_id,))
+        await cur.execute(FIRST_PENDING, (user_id,))
+        row = await cur.fetchone()
+        if row is None or row[0] is None or first <= row[0]:
+            return 0
+        shift = first - int(row[0])
+        for statement in SHIFT_PENDING:
+            await cur.execute(statement, {"shift": shift, "user_id": user_id})
+        return shift
+
+
 async def stream_state(cur: Cursor, user_id: int) -> StreamState:
     """Where the user's event sequence stands in Postgres (one primary-key read)."""
     await cur.execute(STREAM_STATE, (user_id,))
@@ -459,17 +539,21 @@ async def stream_state(cur: Cursor, user_id: int) -> StreamState:
 
 @dataclass(frozen=True, slots=True)
 class Backlog:
-    count: int
+    count: int  # at most BACKLOG_COUNT_CAP
     oldest_age: float  # seconds; 0 when empty
 
 
+BACKLOG_COUNT_CAP = 10_000
+# Cheap enough for every scrape whatever the backlog: a capped index count and one index probe.
 OUTBOX_BACKLOG = """
-SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(at)), 0) FROM outbox
+SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT %s) AS capped),
+       coalesce(extract(epoch FROM clock_timestamp()
+                        - (SELECT at FROM outbox ORDER BY id LIMIT 1)), 0)
 """
 
 
 async def outbox_backlog(cur: Cursor) -> Backlog:
-    """How much the relay has yet to publish (for /metrics)."""
-    await cur.execute(OUTBOX_BACKLOG)
+    """How much the relay has yet to publish (for /metrics), counted up to a cap."""
+    await cur.execute(OUTBOX_BACKLOG, (BACKLOG_COUNT_CAP,))
     count, age = await cur.fetchone()
     return Backlog(int(count), float(age))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -18,37 +19,13 @@ from redis.typing import EncodableT, FieldT
 
 from taskd import keys
 from taskd.config import RedisSettings
-from taskd.schemas import task_body, timestamp
-from taskd.store import OutboxEvent
+from taskd.schemas import BIGINT_MAX, DESCRIPTION_MAX, TITLE_MAX, task_body, timestamp
+from taskd.store import OutboxEvent, Task
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "Redis is not answering" on a request path.
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
-
-
-def stop_requested() -> bool:
-    """True once the current task has been asked to cancel.
-
-    redis-py's reads nest their own timeouts, and on Python 3.11 a cancellation that meets an
-    expiring timeout can surface as a timeout (or a None reply) instead of CancelledError.
-    Long-running loops check this so that shutdown never hangs on such a swallowed cancel.
-    """
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def stop_background(tasks: list[asyncio.Task[None]], patience: float = 5.0) -> None:
-    """Cancel background tasks and wait for them, cancelling again if a cancel was swallowed
-    (see stop_requested); give up after `patience` seconds rather than hang a shutdown."""
-    deadline = asyncio.get_running_loop().time() + patience
-    pending = {task for task in tasks if not task.done()}
-    while pending and asyncio.get_running_loop().time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.5)
-    for task in pending:
-        log.error("background task %s did not stop", task.get_name())
 
 
 class Keys:
@@ -124,6 +101,22 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.connection_pool.disconnect()
 
 
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def as_entries(reply: Any) -> list[Entry]:
+    """XRANGE/XREVRANGE replies, typed (redis-py's own types are too loose to use)."""
+    return list(reply or [])
+
+
+def xread_entries(reply: Any, key: str) -> list[Entry]:
+    """XREAD's RESP3 reply `{key: [[(id, fields), ...]]}` as a list of entries."""
+    if not reply:
+        return []
+    value = reply.get(key.encode()) or reply.get(key) or []
+    return as_entries(value[0] if value and isinstance(value[0], list) else value)
+
+
 # --- events --------------------------------------------------------------------------------
 
 EVENT_ID = re.compile(r"^(0|[1-9][0-9]{0,18})-0$")
@@ -141,12 +134,24 @@ def parse_event_id(raw: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event of one user: `data` is the JSON sent to clients, serialised once."""
+    """One event of one user: `data` is the JSON sent to clients, serialised once.
+
+    `data` is None for a firehose reference to an event too big to copy there: the reader
+    takes it from the user's stream (`read_events`).
+    """
 
     user_id: int
     seq: int
     type: str
-    data: str
+    data: str | None
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds in a queue, roughly (the object overhead included)."""
+        return EVENT_OVERHEAD_BYTES + (len(self.data) if self.data is not None else 0)
+
+
+EVENT_OVERHEAD_BYTES = 200
 
 
 def encode_event(row: OutboxEvent) -> Event:
@@ -157,14 +162,84 @@ def encode_event(row: OutboxEvent) -> Event:
 
 
 def entry_fields(event: Event) -> dict[FieldT, EncodableT]:
-    """What an event carries in a Redis Stream entry (the per-user stream and the firehose)."""
+    """What an event carries in its user's stream: everything."""
+    assert event.data is not None, "only whole events are published"
     return {"user": event.user_id, "seq": event.seq, "type": event.type, "data": event.data}
 
 
+def firehose_fields(event: Event, inline_bytes: int) -> dict[FieldT, EncodableT]:
+    """What it carries in the firehose: everything, or for a big event only a reference, so
+    that the firehose's size is bounded by its length (README, "Memory bounds")."""
+    if event.data is not None and len(event.data.encode()) <= inline_bytes:
+        return entry_fields(event)
+    return {"user": event.user_id, "seq": event.seq, "type": event.type}
+
+
 def event_from_entry(fields: Mapping[bytes, bytes]) -> Event:
+    data = fields.get(b"data")
     return Event(
         int(fields[b"user"]),
         int(fields[b"seq"]),
         fields[b"type"].decode(),
-        fields[b"data"].decode(),
+        None if data is None else data.decode(),
     )
+
+
+def max_event_bytes() -> int:
+    """The largest event the API allows, in bytes of `data`: every character of a longest
+    title and description a control character, which JSON writes as six (`\\u0001`)."""
+    biggest = datetime.max.replace(tzinfo=UTC)
+    task = Task(
+        BIGINT_MAX,
+        BIGINT_MAX,
+        "\x01" * TITLE_MAX,
+        "\x01" * DESCRIPTION_MAX,
+        False,
+        biggest,
+        biggest,
+        2**31 - 1,
+    )
+    row = OutboxEvent(BIGINT_MAX, BIGINT_MAX, "task.created", BIGINT_MAX, 2**31 - 1, task, biggest)
+    data = encode_event(row).data
+    assert data is not None
+    return len(data.encode())
+
+
+# One slice of a user's stream, cut by bytes as well as by count, so that a client catching up
+# on big events never makes its replica hold more than about `budget` bytes for it. XRANGE
+# alone cannot: it knows counts only. Returns {entries, 1 if more may follow else 0}.
+READ_SLICE = """
+local start, budget, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, used = {}, 0
+while true do
+  local chunk = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 16)
+  if #chunk == 0 then return {out, 0} end
+  for _, entry in ipairs(chunk) do
+    local size = 0
+    for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
+    if #out >= limit or (#out > 0 and used + size > budget) then return {out, 1} end
+    out[#out + 1] = entry
+    used = used + size
+    start = '(' .. entry[1]
+  end
+end
+"""
+
+
+class StreamReader:
+    """Reads one user's stream after a position, in slices bounded by bytes and count."""
+
+    def __init__(self, redis: Redis, keyspace: Keys, budget: int, limit: int) -> None:
+        self._script = redis.register_script(READ_SLICE)
+        self._keys = keyspace
+        self._budget = budget
+        self._limit = limit
+
+    async def after(self, user_id: int, seq: int) -> tuple[list[Event], bool]:
+        """The events after `seq` (one slice), and whether more may follow them."""
+        args: list[str | int] = [event_id(seq + 1), self._budget, self._limit]
+        entries, more = await self._script(keys=[self._keys.events(user_id)], args=args)
+        events = []
+        for _, flat in entries:
+            events.append(event_from_entry(dict(zip(flat[::2], flat[1::2], strict=True))))
+        return events, bool(more)

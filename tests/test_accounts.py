@@ -286,18 +286,148 @@ async def test_login_forgets_the_users_expired_refresh_tokens(
     conn = psycopg2.connect(database_dsn)
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(
-                "UPDATE refresh_tokens SET expires_at = now() - interval '1 second'"
-                " WHERE user_id = %s",
-                (alice.id,),
-            )
+            for table in ("refresh_tokens", "refresh_families"):
+                cur.execute(
+                    f"UPDATE {table} SET expires_at = now() - interval '1 second'"
+                    " WHERE user_id = %s",
+                    (alice.id,),
+                )
         await post(client, "/api/login/", {"username": "alice", "password": PASSWORD})
         with conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*), count(*) FILTER (WHERE expires_at < now())"
-                " FROM refresh_tokens WHERE user_id = %s",
-                (alice.id,),
-            )
-            assert cur.fetchone() == (1, 0)
+            for table in ("refresh_tokens", "refresh_families"):
+                cur.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE expires_at < now())"
+                    f" FROM {table} WHERE user_id = %s",
+                    (alice.id,),
+                )
+                assert cur.fetchone() == (1, 0), table
     finally:
         conn.close()
+
+
+async def fresh_login(client: Client, username: str = "alice") -> str:
+    status, body, _ = await post(
+        client, "/api/login/", {"username": username, "password": PASSWORD}
+    )
+    assert status == 200, body
+    return str(body["refresh"])
+
+
+RACE_ROUNDS = 60  # the outside review saw the old code lose these races 3 to 5 times in 40
+
+
+@pytest.fixture
+async def racer(aiohttp_client: ClientFactory, make_settings: SettingsFactory) -> Client:
+    """A client whose user `alice` may log in as often as the races need."""
+    settings = make_settings(throttle={"login_per_username": 10_000})
+    client = await aiohttp_client(create_app(settings))
+    status, _, _ = await post(client, "/api/register/", {"username": "alice", "password": PASSWORD})
+    assert status == 201
+    return client
+
+
+async def test_no_token_of_a_login_works_once_logout_answered(racer: Client) -> None:
+    """Logout racing a refresh of the same token: once logout says 204, the token the
+    refresh may have issued meanwhile is dead too."""
+
+    async def race(token: str) -> bool:
+        """Whether a token survived a logout that answered 204."""
+        (refresh, rotated, _), (logout, _, _) = await asyncio.gather(
+            post(racer, "/api/token/refresh/", {"refresh": token}),
+            post(racer, "/api/logout/", {"refresh": token}),
+        )
+        assert logout in (204, 401)
+        assert refresh in (200, 401)
+        if logout == 204 and refresh == 200:
+            status, _, _ = await post(racer, "/api/token/refresh/", {"refresh": rotated["refresh"]})
+            return status != 401
+        return False
+
+    survived = []
+    for _ in range(RACE_ROUNDS // 10):
+        tokens = [await fresh_login(racer) for _ in range(10)]
+        survived += await asyncio.gather(*(race(token) for token in tokens))
+    assert not any(survived)
+
+
+async def test_a_reused_token_kills_the_successor_a_racing_refresh_issues(racer: Client) -> None:
+    """A spent token replayed while its legitimate holder refreshes: whoever wins, once the
+    replay has answered 401 the family's newest token does not work."""
+    survivors = []
+    for round_ in range(RACE_ROUNDS):
+        spent = await fresh_login(racer)
+        status, current, _ = await post(racer, "/api/token/refresh/", {"refresh": spent})
+        assert status == 200
+        (replay, _, _), (legit, rotated, _) = await asyncio.gather(
+            post(racer, "/api/token/refresh/", {"refresh": spent}),
+            post(racer, "/api/token/refresh/", {"refresh": current["refresh"]}),
+        )
+        assert replay == 401
+        newest = rotated["refresh"] if legit == 200 else current["refresh"]
+        if (await post(racer, "/api/token/refresh/", {"refresh": newest}))[0] != 401:
+            survivors.append(round_)
+    assert survivors == []
+
+
+async def test_a_revoked_family_stays_revoked_for_every_token_in_it(
+    alice: User, client: Client, database_dsn: str
+) -> None:
+    """The family row is the truth: even a token row nobody marked is refused."""
+    _, rotated, _ = await post(client, "/api/token/refresh/", {"refresh": alice.refresh})
+    assert (await post(client, "/api/logout/", {"refresh": rotated["refresh"]}))[0] == 204
+    with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM refresh_tokens WHERE used_at IS NULL")
+        assert cur.fetchone() == (1,)  # the successor's row itself was never touched
+    conn.close()
+    assert (await post(client, "/api/token/refresh/", {"refresh": rotated["refresh"]}))[0] == 401
+
+
+# --- one canonical username ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other",
+    ["TIMO", "\uff54\uff49\uff4d\uff4f", "Timo"],  # the fullwidth letters fold to timo
+)
+async def test_a_name_with_a_taken_canonical_form_is_refused(client: Client, other: str) -> None:
+    assert (await post(client, "/api/register/", {"username": "timo", "password": PASSWORD}))[
+        0
+    ] == 201
+    status, body, _ = await post(
+        client, "/api/register/", {"username": other, "password": PASSWORD}
+    )
+    assert (status, body) == (400, {"username": ["A user with that username already exists."]})
+
+
+async def test_case_folding_goes_beyond_lower(client: Client) -> None:
+    """`ß` folds to `ss`, which `lower()` never does: one account, not two."""
+    first = await post(client, "/api/register/", {"username": "strasse", "password": PASSWORD})
+    second = await post(client, "/api/register/", {"username": "STRAßE", "password": PASSWORD})
+    assert (first[0], second[0]) == (201, 400)
+    status, _, _ = await post(client, "/api/login/", {"username": "Straße", "password": PASSWORD})
+    assert status == 200
+
+
+async def test_every_spelling_of_a_name_shares_one_throttle_bucket(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(throttle={"login_per_username": 3})
+    client = await aiohttp_client(create_app(settings))
+    assert (await post(client, "/api/register/", {"username": "timo", "password": PASSWORD}))[
+        0
+    ] == 201
+    for _ in range(3):
+        wrong = await post(client, "/api/login/", {"username": "timo", "password": "nope"})
+        assert wrong[0] == 401
+    # Every spelling that reaches the account is throttled; none logs in.
+    for spelling in ["timo", "TIMO", "\uff54\uff49\uff4d\uff4f", "tImO"]:
+        status, body, headers = await post(
+            client, "/api/login/", {"username": spelling, "password": PASSWORD}
+        )
+        assert (status, body["code"]) == (429, "throttled"), spelling
+        assert int(headers["Retry-After"]) >= 1
+    # `tİmo` (capital I with a dot) is another name, not a way into `timo`'s account.
+    status, _, _ = await post(
+        client, "/api/login/", {"username": "t\u0130mo", "password": PASSWORD}
+    )
+    assert status == 401

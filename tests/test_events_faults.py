@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 from pydantic import SecretStr
 
-from taskd import devservers
+from taskd import devservers, keys
 from taskd.app import create_app
 from taskd.config import Settings
 from taskd.db import migrate_dsn
@@ -238,3 +238,31 @@ async def test_relay_survives_a_statement_cancelled_by_the_server(
         await user.create_task("after the lock")
         (event,) = await stream.take(1, wait=RECOVERY)
     assert event.id == "1-0"
+
+
+async def test_short_redis_blips_do_not_grow_the_hubs_delay(
+    aiohttp_client: ClientFactory,
+    make_settings: SettingsFactory,
+    private_redis: devservers.RedisServer,
+) -> None:
+    """After each of several blips a new stream opens as soon as Redis is back: the hub's
+    retry delay starts over once a connection held, and a stream waits for the reconnect
+    instead of answering 503 (which a browser's EventSource never retries)."""
+    settings = make_settings(
+        redis={"url": SecretStr(private_redis.url), "timeout": 0.5},
+        stream={"reconnect_wait": 3.0},
+    )
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "blipped")
+    hub = client.app[keys.HUB]
+    headers = {"Authorization": f"Bearer {user.access}"}
+    for _ in range(7):
+        private_redis.stop()
+
+        async def hub_noticed() -> bool:
+            return not hub.connected
+
+        await eventually(hub_noticed)
+        private_redis.start()
+        async with client.get("/api/stream/", headers=headers) as resp:
+            assert resp.status == 200, await resp.text()

@@ -354,3 +354,39 @@ async def test_nginx_answers_malformed_requests_in_json(
     assert got == status
     assert headers["Content-Type"] == "application/json"
     assert isinstance(json.loads(body), dict)
+
+
+NOT_FOUND = {"detail": "Not found.", "code": "not_found"}
+
+
+async def test_metrics_are_not_served_through_nginx(cluster: Cluster) -> None:
+    nginx = cluster.nginx
+    async with aiohttp.ClientSession() as http:
+        for path in ("/metrics", "/metrics?format=text", "/metrics/"):
+            async with http.get(f"{nginx.url}{path}") as resp:
+                assert resp.status == 404, path
+                assert resp.headers["Content-Type"] == "application/json"
+                assert resp.headers["X-Request-ID"]
+                assert await resp.json() == NOT_FOUND
+        # Spellings that nginx normalises to /metrics but would pass upstream as sent.
+        for target in (b"//metrics", b"/%6Detrics", b"/./metrics", b"/api/../metrics"):
+            status, headers, body = await raw_request(
+                nginx.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert status == 404, target
+            assert headers["Content-Type"] == "application/json"
+            assert json.loads(body) == NOT_FOUND
+        # Everything else is still proxied; the replicas still serve /metrics to a scraper.
+        async with http.get(f"{nginx.url}/healthz") as resp:
+            assert resp.status == 200
+            assert cluster.serving(resp) in cluster.replicas
+        for replica in cluster.replicas:
+            async with http.get(f"{replica.url}/metrics") as resp:
+                assert resp.status == 200
+                assert "taskd_http_requests_total" in await resp.text()
+
+    # nginx answered every one of them itself: no replica was asked.
+    async with asyncio.timeout(WAIT):
+        while len(entries := [e for e in access_entries(nginx) if "etrics" in e["path"]]) < 7:  # noqa: ASYNC110 - a log file: nothing to await
+            await asyncio.sleep(0.05)
+    assert all(e["status"] == 404 and e["upstream"] == "" for e in entries), entries

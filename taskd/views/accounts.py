@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 
@@ -9,7 +10,14 @@ from aiohttp import web
 
 from taskd import db, keys, store
 from taskd.auth import public
-from taskd.errors import LoginFailed, NotAuthenticated, TokenInvalid, ValidationFailed
+from taskd.errors import (
+    LoginFailed,
+    NotAuthenticated,
+    TokenInvalid,
+    Unavailable,
+    ValidationFailed,
+)
+from taskd.models import canonical_username
 from taskd.schemas import Login, RefreshIn, user_body, validate_body, validate_register
 from taskd.views.common import client_address, read_json
 
@@ -45,12 +53,14 @@ async def register(request: web.Request) -> web.Response:
     return web.json_response(user_body(user), status=201)
 
 
-def _username_ident(username: str) -> str:
-    """The per-username throttle identity: a digest of the name, case-folded as lookups are."""
+def _username_ident(body: Login) -> str:
+    """The per-username throttle identity: a digest of the name in the canonical form that
+    registration and the account lookup use, so every spelling of one account shares it."""
     # Login takes any username (a 400 would tell why it fails): hashed, even 1 MiB, a NUL or a
-    # lone surrogate makes a short key Redis can encode, and no client text sits in Redis.
-    folded = username.lower().encode("utf-8", "surrogatepass")
-    return hashlib.sha256(folded).hexdigest()
+    # lone surrogate makes a short key Redis can encode, and no client text sits in Redis. A
+    # name no account can have is not normalised (that costs CPU for nothing).
+    name = canonical_username(body.username) if body.possible_username else body.username
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @public
@@ -60,7 +70,7 @@ async def login(request: web.Request) -> web.Response:
     throttle = app[keys.THROTTLE]
     await throttle.hit("login-address", client_address(request), limits.login_per_address)
     body = validate_body(Login, await read_json(request))
-    await throttle.hit("login-username", _username_ident(body.username), limits.login_per_username)
+    await throttle.hit("login-username", _username_ident(body), limits.login_per_username)
     credentials = None
     if body.possible_username:  # else a 401 like any other, after the same bcrypt check
         async with db.cursor(app[keys.PG_POOL]) as cur:
@@ -72,7 +82,8 @@ async def login(request: web.Request) -> web.Response:
     # At the configured cost, a login takes as long as one for an unknown user (dummy hash).
     new_hash = None
     if passwords.needs_rehash(credentials.password_hash):
-        new_hash = await passwords.hash(body.password)
+        with contextlib.suppress(Unavailable):  # busy: the next login re-hashes
+            new_hash = await passwords.hash(body.password)
     jti = uuid.uuid4()
     async with db.cursor(app[keys.PG_POOL]) as cur:
         if new_hash is not None:

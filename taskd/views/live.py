@@ -15,7 +15,8 @@ from aiohttp_sse import EventSourceResponse
 from taskd import keys
 from taskd.auth import query_token
 from taskd.errors import ApiError, Forbidden
-from taskd.hub import Closed, Feed, Item, Reset, open_feed
+from taskd.feed import Feed, Item, Reset, payload
+from taskd.hub import Closed
 from taskd.streams import REDIS_DOWN, event_id
 from taskd.views.common import public_origin
 
@@ -56,7 +57,7 @@ async def _pump(
 @query_token
 async def sse(request: web.Request) -> web.StreamResponse:
     settings = request.app[keys.SETTINGS].stream
-    feed = await open_feed(
+    feed = await Feed.open(
         request.app, request[keys.USER_ID], "sse", _resume_id(request, header=True)
     )
     resp = EventSourceResponse(
@@ -68,9 +69,9 @@ async def sse(request: web.Request) -> web.StreamResponse:
 
         async def send(item: Item) -> None:
             if isinstance(item, Reset):
-                await resp.send(item.data, id=event_id(item.position), event="reset")
+                await resp.send(payload(item), id=event_id(item.position), event="reset")
             else:
-                await resp.send(item.data, id=event_id(item.seq), event=item.type)
+                await resp.send(payload(item), id=event_id(item.seq), event=item.type)
 
         expired = await _pump(
             feed, request[keys.TOKEN_EXPIRES], settings.ping_interval, resp.is_connected, send
@@ -104,7 +105,7 @@ def _check_origin(request: web.Request) -> None:
 async def ws(request: web.Request) -> web.StreamResponse:
     _check_origin(request)
     settings = request.app[keys.SETTINGS].stream
-    feed = await open_feed(
+    feed = await Feed.open(
         request.app, request[keys.USER_ID], "ws", _resume_id(request, header=False)
     )
     socket = web.WebSocketResponse(heartbeat=settings.ping_interval, max_msg_size=64 * 1024)
@@ -122,7 +123,7 @@ async def ws(request: web.Request) -> web.StreamResponse:
                 request[keys.TOKEN_EXPIRES],
                 settings.ping_interval,
                 lambda: not socket.closed,
-                lambda item: send_text(item.data),
+                lambda item: send_text(payload(item)),
             )
             if expired:
                 await send_text(REAUTH)

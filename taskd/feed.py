@@ -1,0 +1,196 @@
+"""One client's stream: catch-up from the user's Redis Stream, then live from the hub,
+gapless and without repeats.
+
+Ids are dense per user, so a feed at `last` expects `last + 1`: anything lower is a repeat,
+anything higher means something is missing, which is filled from the user's stream, or
+answered with a `reset` when Redis no longer has it (DESIGN.md, "Read path").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from taskd import db, keys, store
+from taskd.config import StreamSettings
+from taskd.hub import Hub, Subscription
+from taskd.streams import Event, StreamReader, event_id, parse_event_id
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The client must re-read the list; the stream continues after `position`."""
+
+    reason: str  # "trimmed" | "malformed" | "ahead"
+    position: int
+
+    @property
+    def data(self) -> str:
+        body = {"type": "reset", "reason": self.reason, "position": event_id(self.position)}
+        return json.dumps(body)
+
+
+Item = Event | Reset
+
+
+def payload(item: Item) -> str:
+    """The JSON a client is sent for an item (a feed yields only whole events)."""
+    if item.data is None:
+        raise AssertionError(f"a reference reached a client: {item}")
+    return item.data
+
+
+class Feed:
+    """What one client receives. It holds at most one catch-up slice (`catch_up_bytes`) and
+    what its subscription queued (`queue_bytes`): a client that never reads costs its
+    replica a bounded amount, however big the events it is behind on."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        sub: Subscription,
+        pg_pool: Any,
+        reader: StreamReader,
+        settings: StreamSettings,
+    ) -> None:
+        self._hub = hub
+        self._sub = sub
+        self._pool = pg_pool
+        self._reader = reader
+        self._settings = settings
+        self.last = 0
+        self._ready: deque[Item] = deque()
+        self._ahead: dict[int, Event] = {}  # live events past a gap, by seq
+        self._ahead_bytes = 0
+        self._need_fill = False
+
+    @classmethod
+    async def open(cls, app: web.Application, user_id: int, kind: str, resume: str | None) -> Feed:
+        """Register a subscriber, then fix the start position (before the response headers
+        are sent): after the newest committed event, or after `resume`; a malformed or
+        future `resume` queues a reset. 429/503 when the hub cannot take it."""
+        settings = app[keys.SETTINGS].stream
+        hub = app[keys.HUB]
+        sub = await hub.subscribe(user_id, kind)
+        reader = StreamReader(
+            app[keys.REDIS], app[keys.KEYSPACE], settings.catch_up_bytes, settings.catch_up_batch
+        )
+        feed = cls(hub, sub, app[keys.PG_POOL], reader, settings)
+        try:
+            await feed._start(resume)
+        except BaseException:
+            feed.close()
+            raise
+        return feed
+
+    async def _start(self, resume: str | None) -> None:
+        state = await self._state()
+        self.last = state.committed
+        if resume is None:
+            return
+        wanted = parse_event_id(resume)
+        if wanted is None:
+            self._ready.append(Reset("malformed", state.committed))
+        elif wanted > state.committed:
+            self._ready.append(Reset("ahead", state.committed))
+        elif wanted < state.committed:
+            self.last = wanted
+            self._need_fill = True
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self._sub)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """What this feed holds for its client beyond the subscription's queue."""
+        return sum(item.size for item in self._ready if isinstance(item, Event)) + self._ahead_bytes
+
+    async def next(self, wait: float) -> Item | None:
+        """The next item for the client; None when nothing was ready within `wait` seconds
+        (one deadline: repeats and out-of-order events do not extend it)."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while not self._ready:
+            if self._need_fill:
+                await self._fill()
+                continue
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await self._sub.get()
+            except TimeoutError:
+                return None
+            self._accept(event)
+        return self._ready.popleft()
+
+    def _accept(self, event: Event) -> None:
+        if event.seq <= self.last:
+            return  # a repeat: the firehose after a relay retry, or a catch-up overlap
+        if event.data is None:
+            self._need_fill = True  # a big event's reference: read it from the user's stream
+            return
+        if event.seq not in self._ahead:
+            self._ahead[event.seq] = event
+            self._ahead_bytes += event.size
+        if self._ahead_bytes > self._settings.queue_bytes:
+            self._sub.close("overflow")
+        self._advance()
+        if self._ahead:
+            self._need_fill = True  # something is missing before these events
+
+    def _advance(self) -> None:
+        while (event := self._ahead.pop(self.last + 1, None)) is not None:
+            self._ahead_bytes -= event.size
+            self.last = event.seq
+            self._ready.append(event)
+
+    def _forget_through(self, seq: int) -> None:
+        for stale in [s for s in self._ahead if s <= seq]:
+            self._ahead_bytes -= self._ahead.pop(stale).size
+
+    async def _state(self) -> store.StreamState:
+        async with db.cursor(self._pool) as cur:
+            return await store.stream_state(cur, self._sub.user_id)
+
+    async def _read(self) -> bool:
+        """Queue one slice of what follows `last` in the user's stream; whether more may."""
+        events, more = await self._reader.after(self._sub.user_id, self.last)
+        for event in events:
+            if event.seq == self.last + 1:
+                self.last = event.seq
+                self._ready.append(event)
+        self._forget_through(self.last)
+        self._advance()
+        return more
+
+    async def _fill(self) -> None:
+        """Read what follows `last` from the user's stream; decide about anything missing.
+
+        Postgres is asked first, Redis second: an event still in the outbox is pending and
+        will arrive live; one that is neither in the outbox nor in Redis is gone. (The other
+        order races with the relay and sends false resets.)
+        """
+        self._need_fill = False
+        before = self.last
+        more = await self._read()
+        if self.last > before:
+            self._need_fill = more or bool(self._ahead)  # one slice at a time, as it drains
+            return
+        state = await self._state()
+        more = await self._read()
+        if self.last > before:
+            self._need_fill = more or bool(self._ahead)
+            return
+        missing = self.last + 1
+        if missing > state.committed or (
+            state.pending_from is not None and state.pending_from <= missing
+        ):
+            return  # nothing missing yet, or it is pending and will arrive live
+        self._ready.append(Reset("trimmed", state.committed))
+        self.last = state.committed
+        self._forget_through(self.last)
+        self._advance()
+        self._need_fill = bool(self._ahead)

@@ -1,0 +1,147 @@
+"""What one live connection may cost: catch-up in byte-bounded slices, byte-bounded queues,
+a cap on connections per user, and big events carried by reference through the firehose."""
+
+from __future__ import annotations
+
+import asyncio
+
+from taskd import keys
+from taskd.app import create_app
+from taskd.config import StreamSettings
+from taskd.feed import Feed
+from taskd.hub import Subscription
+from taskd.streams import Event, max_event_bytes
+from tests.conftest import ClientFactory, SettingsFactory, User, register_and_login
+from tests.live import WAIT, raw_redis
+
+# What JSON writes as six bytes a character: the biggest events the API allows.
+CONTROL = "\x01"
+MiB = 1024 * 1024
+
+
+async def make_big_tasks(user: User, count: int) -> None:
+    for i in range(count):
+        await user.create_task(f"big{i}", description=CONTROL * 10_000)
+
+
+async def test_a_client_that_never_reads_holds_one_slice_of_its_catch_up(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    budget = 200_000
+    settings = make_settings(stream={"catch_up_bytes": budget})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "hoarder")
+    await make_big_tasks(user, 30)  # about 1.8 MB of events to catch up on
+    feed = await Feed.open(client.app, user.id, "sse", "0-0")
+    try:
+        first = await feed.next(wait=WAIT)
+        assert first is not None
+        assert first.data is not None
+        # One slice is read; nothing more until the client drains it.
+        held = feed.buffered_bytes + len(first.data)
+        assert held <= budget + max_event_bytes() + 1000
+        assert feed.buffered_bytes > 0
+    finally:
+        feed.close()
+
+
+async def test_catch_up_in_small_slices_still_delivers_everything_in_order(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(stream={"catch_up_bytes": 1024, "catch_up_batch": 3})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "patient")
+    await make_big_tasks(user, 3)
+    for i in range(20):
+        await user.create_task(f"small{i}")
+    events = await user.events(after="0-0", count=23)
+    assert [e.seq for e in events] == list(range(1, 24))
+    assert events[0].json["task"]["description"] == CONTROL * 10_000
+
+
+def test_a_subscription_queue_is_bounded_in_bytes() -> None:
+    sub = Subscription(user_id=1, kind="sse", max_events=1000, max_bytes=64 * 1024)
+    for seq in range(1, 100):
+        sub.offer(Event(1, seq, "task.created", "x" * 10_000))
+        if sub.closed:
+            break
+    assert sub.closed == "overflow"
+    assert seq <= 7  # 64 KiB hold six events of 10 kB, not a thousand
+
+
+async def test_connections_per_user_are_capped_per_replica(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(stream={"max_per_user": 2})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "tabs")
+    other = await register_and_login(client, "other")
+    headers = {"Authorization": f"Bearer {user.access}"}
+    first = await client.get("/api/stream/", headers=headers)
+    second = await client.ws_connect("/api/ws/", headers=headers)
+    try:
+        assert first.status == 200
+        async with client.get("/api/stream/", headers=headers) as third:
+            assert third.status == 429
+            assert (await third.json())["code"] == "throttled"
+            assert int(third.headers["Retry-After"]) >= 1
+        async with client.get("/api/ws/", headers=headers) as refused:
+            assert refused.status == 429
+        # Another user is not affected.
+        async with other.sse():
+            pass
+    finally:
+        first.close()
+        await second.close()
+    # Once one has gone, there is room again.
+    async with asyncio.timeout(WAIT):
+        while client.app[keys.HUB].subscribers_of(user.id) >= 2:  # noqa: ASYNC110 - polled
+            await asyncio.sleep(0.01)
+    async with user.sse():
+        pass
+
+
+async def test_a_big_event_travels_the_firehose_as_a_reference(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings()
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "bulky")
+    description = "y" * (settings.stream.firehose_inline_bytes + 1)
+    async with user.sse() as stream:
+        await user.create_task("big", description=description)
+        await user.create_task("small")
+        big, small = await stream.take(2)
+    assert big.json["task"]["description"] == description
+    assert small.json["task"]["title"] == "small"
+    async with raw_redis(settings) as redis:
+        entries = await redis.xrange(f"{settings.redis.namespace}:firehose")
+    data = [b"data" in fields for _, fields in entries]
+    assert data == [False, True]
+
+
+def test_defaults_bound_one_users_stream_and_the_firehose_to_64_mib() -> None:
+    """The README's formula, with the defaults: maxlen x the biggest event, and
+    firehose_maxlen (plus approximate trimming's slack) x the biggest inline entry."""
+    stream = StreamSettings()
+    overhead = 200  # a stream entry's ids, field names and listpack headers
+    assert stream.maxlen * (max_event_bytes() + overhead) <= 64 * MiB
+    slack = 100  # stream-node-max-entries: what `MAXLEN ~` may leave on top
+    inline = stream.firehose_inline_bytes + overhead
+    assert (stream.firehose_maxlen + slack) * inline <= 64 * MiB
+
+
+async def test_a_users_stream_is_trimmed_exactly_and_its_memory_follows(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    maxlen = 8
+    settings = make_settings(stream={"maxlen": maxlen})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "trimmed")
+    await make_big_tasks(user, maxlen + 4)
+    await user.events(after=f"{maxlen + 3}-0", count=1)  # the last one is published
+    async with raw_redis(settings) as redis:
+        key = f"{settings.redis.namespace}:events:{user.id}"
+        assert await redis.xlen(key) == maxlen
+        used = await redis.memory_usage(key, samples=0)
+    assert used <= maxlen * (max_event_bytes() + 200) + 64 * 1024
