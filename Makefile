@@ -4,26 +4,31 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest nginx clean
+.PHONY: run test lint typecheck pytest nginx servers clean
 
-run: $(STAMP)
+# `taskd dev` imports devtools/ (never in the wheel) from this directory, the checkout.
+run: $(STAMP) servers
 	$(BIN)/taskd dev
 
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check taskd tests
-	$(BIN)/ruff format --check taskd tests
+	$(BIN)/ruff check taskd devtools tests
+	$(BIN)/ruff format --check taskd devtools tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy taskd
+	$(BIN)/mypy taskd devtools
 
-pytest: $(STAMP) nginx
+pytest: $(STAMP) nginx servers
 	$(BIN)/python -m pytest
 
 # tests/test_nginx.py runs deploy/nginx.conf through the machine's nginx.
 nginx:
 	@sh scripts/ensure-nginx.sh
+
+# postgres/initdb and redis-server, for private servers when the configured ones do not answer.
+servers:
+	@sh scripts/ensure-servers.sh
 
 # The virtualenv, with taskd installed in it (editable) and the test tools.
 $(STAMP): pyproject.toml

@@ -28,7 +28,7 @@ from pydantic import SecretStr
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from taskd import devservers  # noqa: E402
+import devtools  # noqa: E402
 from taskd.config import load_settings  # noqa: E402
 from taskd.streams import forget_namespace  # noqa: E402
 
@@ -86,15 +86,15 @@ async def main() -> None:
     parser.add_argument("--writes", type=int, default=500)
     args = parser.parse_args()
     settings = load_settings(PROJECT / "config.toml")
-    with devservers.Services(
+    with devtools.Services(
         settings.postgres.dsn.get_secret_value(),
         settings.redis.url.get_secret_value(),
-        devservers.state_dir(PROJECT) / "bench",
+        devtools.state_dir(PROJECT) / "bench",
     ) as services:
         db = f"taskd_bench_{uuid.uuid4().hex[:8]}"
         admin(services.postgres_dsn, f"CREATE DATABASE {db}")
         dsn = make_dsn(**{**parse_dsn(services.postgres_dsn), "dbname": db})
-        port = devservers.free_port()
+        port = devtools.free_port()
         env = {
             **os.environ,
             "TASKD_POSTGRES_DSN": dsn,

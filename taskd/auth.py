@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import bcrypt
 import jwt
@@ -23,23 +23,12 @@ from taskd.schemas import PASSWORD_MAX_BYTES, canonical_id
 
 TokenType = Literal["access", "refresh"]
 REQUIRED_CLAIMS = ["sub", "type", "jti", "iat", "exp"]
+# Marks on a route's handler, set by `app.add_routes` from the route table's `auth`: open to
+# anonymous clients; may take the access token from `?token=` (EventSource sends no headers).
 PUBLIC = "_taskd_public"
 QUERY_TOKEN = "_taskd_query_token"
 
-F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
-
-
-def public(handler: F) -> F:
-    """Mark a handler as open to anonymous clients."""
-    setattr(handler, PUBLIC, True)
-    return handler
-
-
-def query_token(handler: F) -> F:
-    """Let a handler take the access token from `?token=` (EventSource cannot send headers)."""
-    setattr(handler, QUERY_TOKEN, True)
-    return handler
 
 
 MIN_ROUNDS = 4  # bcrypt's lowest cost
@@ -224,7 +213,7 @@ def bearer_token(request: web.Request, allow_query: bool) -> str:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every matched route needs an access token unless its handler is marked `public`."""
+    """Every matched route needs an access token unless its handler is marked `PUBLIC`."""
     match = request.match_info
     if match.http_exception is None:
         target = match.handler

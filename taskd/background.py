@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +58,31 @@ class Backoff:
 
     async def sleep(self) -> None:
         await asyncio.sleep(self.delay())
+
+
+class ServerCancelled(Exception):
+    """A CancelledError nobody asked for: aiopg reports a statement the server cancelled
+    (statement_timeout, a lock wait) that way. A failure to retry, not the task's end."""
+
+
+async def supervise(
+    attempt: Callable[[], Awaitable[None]],
+    backoff: Backoff,
+    failed: Callable[[Exception], None],
+) -> None:
+    """Run `attempt` again and again, `failed` told of each failure and `backoff` waited
+    between tries, until this task is cancelled. `attempt` resets `backoff` once it holds."""
+    while True:
+        try:
+            await attempt()
+        except asyncio.CancelledError:
+            if stop_requested():
+                raise
+            failed(ServerCancelled())
+        except Exception as exc:
+            if stop_requested():
+                raise asyncio.CancelledError() from exc
+            failed(exc)
+        if stop_requested():
+            raise asyncio.CancelledError()
+        await backoff.sleep()

@@ -15,7 +15,7 @@ import psycopg2
 from aiohttp import web
 from pydantic import SecretStr
 
-from taskd import devservers, keys
+from taskd import keys
 from taskd.app import create_app
 from taskd.config import ConfigError, Settings, check_secret, load_settings
 from taskd.db import migrate_dsn
@@ -134,11 +134,27 @@ def _worker_argv(args: list[str]) -> list[str]:
     return [*out, "--reuse-port"]
 
 
+DEV_NEEDS_CHECKOUT = (
+    "taskd: `taskd dev` runs in a source checkout of taskd (it needs devtools/, which the "
+    "package does not ship): run `make run` there"
+)
+
+
 def _dev(settings: Settings) -> None:
-    base = devservers.state_dir(Path.cwd())
+    # Dev-only code stays out of the wheel: `make run` runs this in the checkout, whose
+    # directory (with devtools/) is then on the path or added to it here.
+    checkout = Path.cwd()
+    if (checkout / "devtools" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        import devtools
+    except ModuleNotFoundError as exc:
+        if exc.name != "devtools":
+            raise
+        raise SystemExit(DEV_NEEDS_CHECKOUT) from None
     postgres, redis = settings.postgres, settings.redis
-    with devservers.Services(
-        postgres.dsn.get_secret_value(), redis.url.get_secret_value(), base
+    with devtools.Services(
+        postgres.dsn.get_secret_value(), redis.url.get_secret_value(), devtools.state_dir(checkout)
     ) as services:
         auth = settings.auth
         if not auth.secret.get_secret_value():

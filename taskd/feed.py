@@ -19,11 +19,12 @@ from aiohttp import web
 from taskd import db, keys, store
 from taskd.config import StreamSettings
 from taskd.hub import Hub, Subscription
-from taskd.streams import Event, StreamReader, event_id, parse_event_id
+from taskd.models import StreamState
+from taskd.streams import StreamEvent, StreamReader, event_id, parse_event_id
 
 
 @dataclass(frozen=True, slots=True)
-class Reset:
+class ResetNotice:
     """The client must re-read the list; the stream continues after `position`."""
 
     reason: str  # "trimmed" | "malformed" | "ahead"
@@ -35,7 +36,7 @@ class Reset:
         return json.dumps(body)
 
 
-Item = Event | Reset
+Item = StreamEvent | ResetNotice
 
 
 def payload(item: Item) -> str:
@@ -65,7 +66,7 @@ class Feed:
         self._settings = settings
         self.last = 0
         self._ready: deque[Item] = deque()
-        self._ahead: dict[int, Event] = {}  # live events past a gap, by seq
+        self._ahead: dict[int, StreamEvent] = {}  # live events past a gap, by seq
         self._ahead_bytes = 0
         self._need_fill = False
 
@@ -77,10 +78,7 @@ class Feed:
         settings = app[keys.SETTINGS].stream
         hub = app[keys.HUB]
         sub = await hub.subscribe(user_id, kind)
-        reader = StreamReader(
-            app[keys.REDIS], app[keys.KEYSPACE], settings.catch_up_bytes, settings.catch_up_batch
-        )
-        feed = cls(hub, sub, app[keys.PG_POOL], reader, settings)
+        feed = cls(hub, sub, app[keys.PG_POOL], app[keys.STREAM_READER], settings)
         try:
             await feed._start(resume)
         except BaseException:
@@ -95,9 +93,9 @@ class Feed:
             return
         wanted = parse_event_id(resume)
         if wanted is None:
-            self._ready.append(Reset("malformed", state.committed))
+            self._ready.append(ResetNotice("malformed", state.committed))
         elif wanted > state.committed:
-            self._ready.append(Reset("ahead", state.committed))
+            self._ready.append(ResetNotice("ahead", state.committed))
         elif wanted < state.committed:
             self.last = wanted
             self._need_fill = True
@@ -108,7 +106,10 @@ class Feed:
     @property
     def buffered_bytes(self) -> int:
         """What this feed holds for its client beyond the subscription's queue."""
-        return sum(item.size for item in self._ready if isinstance(item, Event)) + self._ahead_bytes
+        return (
+            sum(item.size for item in self._ready if isinstance(item, StreamEvent))
+            + self._ahead_bytes
+        )
 
     async def next(self, wait: float) -> Item | None:
         """The next item for the client; None when nothing was ready within `wait` seconds
@@ -126,7 +127,7 @@ class Feed:
             self._accept(event)
         return self._ready.popleft()
 
-    def _accept(self, event: Event) -> None:
+    def _accept(self, event: StreamEvent) -> None:
         if event.seq <= self.last:
             return  # a repeat: the firehose after a relay retry, or a catch-up overlap
         if event.data is None:
@@ -151,7 +152,7 @@ class Feed:
         for stale in [s for s in self._ahead if s <= seq]:
             self._ahead_bytes -= self._ahead.pop(stale).size
 
-    async def _state(self) -> store.StreamState:
+    async def _state(self) -> StreamState:
         async with db.cursor(self._pool) as cur:
             return await store.stream_state(cur, self._sub.user_id)
 
@@ -189,7 +190,7 @@ class Feed:
             state.pending_from is not None and state.pending_from <= missing
         ):
             return  # nothing missing yet, or it is pending and will arrive live
-        self._ready.append(Reset("trimmed", state.committed))
+        self._ready.append(ResetNotice("trimmed", state.committed))
         self.last = state.committed
         self._forget_through(self.last)
         self._advance()

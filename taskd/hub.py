@@ -13,10 +13,18 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from taskd import keys
-from taskd.background import Backoff, stop_background, stop_requested
+from taskd.background import Backoff, stop_background, stop_requested, supervise
 from taskd.config import RedisSettings, StreamSettings
 from taskd.errors import Throttled, Unavailable
-from taskd.streams import REDIS_DOWN, Event, Keys, as_entries, event_from_entry, xread_entries
+from taskd.streams import (
+    REDIS_DOWN,
+    RedisKeys,
+    StreamEvent,
+    StreamReader,
+    as_entries,
+    event_from_entry,
+    xread_entries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +46,12 @@ class Subscription:
         self.kind = kind  # "sse" or "ws", for metrics
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._queue: deque[Event] = deque()
+        self._queue: deque[StreamEvent] = deque()
         self._bytes = 0
         self._wakeup = asyncio.Event()
         self.closed: str | None = None
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: StreamEvent) -> None:
         if self.closed:
             return
         size = event.size
@@ -61,7 +69,7 @@ class Subscription:
             self._bytes = 0
             self._wakeup.set()
 
-    async def get(self) -> Event:
+    async def get(self) -> StreamEvent:
         while not self._queue:
             if self.closed:
                 raise Closed(self.closed)
@@ -77,12 +85,13 @@ class Subscription:
 class Hub:
     """Tails `<ns>:firehose` with one blocking XREAD and hands each event to its user's queues."""
 
-    def __init__(self, redis: RedisSettings, stream: StreamSettings, keyspace: Keys) -> None:
+    def __init__(self, redis: RedisSettings, stream: StreamSettings, keyspace: RedisKeys) -> None:
         self._redis_settings = redis
         self._settings = stream
         self._keys = keyspace
         self._subscribers: dict[int, set[Subscription]] = {}
         self._up = asyncio.Event()  # set while the firehose is tailed
+        self._lost = False  # the last failure broke a connection that was tailing
         self.delivered = 0
 
     @property
@@ -146,27 +155,24 @@ class Hub:
     async def run(self) -> None:
         """Forever: tail the firehose; on losing Redis end every local stream and retry."""
         backoff = Backoff(0.1, 5.0)
-        while True:
-            client = self._client()
-            try:
-                await self._tail(client, backoff)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if stop_requested():
-                    raise asyncio.CancelledError() from exc
-                if not isinstance(exc, REDIS_DOWN):
-                    log.exception("hub failed: ending local streams")
-                elif self.connected:
-                    log.warning("hub lost redis (%r): ending local streams", exc)
-            finally:
-                self._up.clear()
-                self.close_all("redis")
-                with contextlib.suppress(*REDIS_DOWN):
-                    await client.aclose()
-            if stop_requested():
-                raise asyncio.CancelledError()
-            await backoff.sleep()
+        await supervise(lambda: self._connect_and_tail(backoff), backoff, self._failed)
+
+    async def _connect_and_tail(self, backoff: Backoff) -> None:
+        client = self._client()
+        try:
+            await self._tail(client, backoff)
+        finally:
+            self._lost = self.connected
+            self._up.clear()
+            self.close_all("redis")
+            with contextlib.suppress(*REDIS_DOWN):
+                await client.aclose()
+
+    def _failed(self, exc: Exception) -> None:
+        if not isinstance(exc, REDIS_DOWN):
+            log.error("hub failed (%r): ending local streams", exc, exc_info=exc)
+        elif self._lost:
+            log.warning("hub lost redis (%r): ending local streams", exc)
 
     async def _tail(self, client: Redis, backoff: Backoff) -> None:
         key, batch = self._keys.firehose(), self._settings.hub_batch
@@ -205,7 +211,7 @@ class Hub:
             return False
         return _id_tuple(oldest[0][0]) > _id_tuple(before)
 
-    def _dispatch(self, event: Event) -> None:
+    def _dispatch(self, event: StreamEvent) -> None:
         for sub in self._subscribers.get(event.user_id, ()):
             sub.offer(event)
             self.delivered += 1
@@ -227,6 +233,12 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     hub = Hub(settings.redis, settings.stream, app[keys.KEYSPACE])
     app[keys.HUB] = hub
+    app[keys.STREAM_READER] = StreamReader(
+        app[keys.REDIS],
+        app[keys.KEYSPACE],
+        settings.stream.catch_up_bytes,
+        settings.stream.catch_up_batch,
+    )
     task = asyncio.create_task(hub.run(), name="taskd-hub")
     # Serve streams from the first request when Redis answers; start anyway when it does not.
     await hub.wait_connected(settings.redis.timeout * 2)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from taskd.hub import Hub
     from taskd.metrics import Metrics
     from taskd.relay import Doorbell, Relay
-    from taskd.streams import Keys as RedisKeys
+    from taskd.streams import RedisKeys, StreamReader
     from taskd.throttle import Throttle
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -29,7 +29,9 @@ THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
 DOORBELL: web.AppKey[Doorbell] = web.AppKey("doorbell")
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 HUB: web.AppKey[Hub] = web.AppKey("hub")
+STREAM_READER: web.AppKey[StreamReader] = web.AppKey("stream_reader")  # users' history
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+OPENAPI = web.AppKey("openapi", bytes)  # the served document; the table it describes names views
 
 USER_ID = web.RequestKey("user_id", int)
 REQUEST_ID = web.RequestKey("request_id", str)

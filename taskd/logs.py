@@ -7,16 +7,36 @@ import logging
 import re
 import sys
 import time
-from contextvars import ContextVar
+import uuid
+from contextvars import ContextVar, Token
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from taskd import keys
 from taskd.config import LogSettings
 
 # The id of the request being handled, added to every log line written meanwhile.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# A client's X-Request-ID is kept when it is a plausible id (it goes into logs verbatim).
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def bind_request_id(request: web.Request) -> Token[str | None]:
+    """Give the request its id (the client's X-Request-ID when plausible, else a new one) and
+    make it the id of every log line written while it is handled; reset with the token."""
+    incoming = request.headers.get("X-Request-ID", "")
+    rid = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    request[keys.REQUEST_ID] = rid
+    return request_id.set(rid)
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streams included, carries its X-Request-ID."""
+    if keys.REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[keys.REQUEST_ID]
+
 
 # A query parameter whose name contains one of these words carries a credential (`?token=` is
 # how EventSource clients authenticate; nginx's access log uses the same rule).

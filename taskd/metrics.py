@@ -1,11 +1,10 @@
-"""Prometheus metrics (one registry per app, no globals) and the request-id/metrics middleware."""
+"""Prometheus metrics (one registry per app, no globals): the middleware that counts requests,
+the gauges read at scrape time. `views.ops` serves them."""
 
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -13,16 +12,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from taskd import db, keys, store
-from taskd.auth import public
 from taskd.errors import ApiError
-from taskd.logs import request_id
+from taskd.logs import bind_request_id, request_id
 
 log = logging.getLogger(__name__)
 
-# A client's X-Request-ID is kept when it is a plausible id (it goes into logs verbatim).
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Label values come from this set only: a client inventing methods must not grow the registry.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CONTENT_TYPE = CONTENT_TYPE_LATEST  # of what `scrape` returns
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -75,11 +72,8 @@ def _route(request: web.Request) -> str:
 
 @web.middleware
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request an id (X-Request-ID kept or made) and count it by route and status."""
-    incoming = request.headers.get("X-Request-ID", "")
-    rid = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
-    request[keys.REQUEST_ID] = rid
-    token = request_id.set(rid)
+    """Give every request its id (see `logs`) and count it by route and status."""
+    token = bind_request_id(request)
     started = time.perf_counter()
     status = 500
     try:
@@ -117,16 +111,8 @@ async def _refresh(app: web.Application, metrics: Metrics) -> None:
         pass  # Postgres down: the scrape still answers, with the last values
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response, streams included, carries its X-Request-ID."""
-    if keys.REQUEST_ID in request:
-        response.headers["X-Request-ID"] = request[keys.REQUEST_ID]
-
-
-@public
-async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text format."""
-    metrics = request.app[keys.METRICS]
-    await _refresh(request.app, metrics)
-    body = generate_latest(metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+async def scrape(app: web.Application) -> bytes:
+    """The registry in Prometheus text format, with other components' gauges read now."""
+    metrics = app[keys.METRICS]
+    await _refresh(app, metrics)
+    return generate_latest(metrics.registry)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
 
 
 def canonical_username(username: str) -> str:
@@ -14,3 +16,58 @@ def canonical_username(username: str) -> str:
     depends on the database's locale and folds differently (`İ`).
     """
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold())
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    user_id: int
+    password_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: int
+    user_id: int
+    title: str
+    description: str
+    done: bool
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskListing:
+    count: int
+    tasks: list[Task]
+    event_seq: int  # the user's newest event number in the snapshot the rows came from
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    user_id: int
+    seq: int
+    kind: str
+    task_id: int
+    version: int
+    task: Task | None  # None for task.deleted
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    committed: int  # the user's newest committed event number
+    pending_from: int | None  # the oldest event still waiting in the outbox, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    count: int  # at most BACKLOG_COUNT_CAP
+    oldest_age: float  # seconds; 0 when empty

@@ -21,12 +21,18 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from taskd import db, keys, store
-from taskd.background import Backoff, stop_background, stop_requested
+from taskd.background import (
+    Backoff,
+    ServerCancelled,
+    stop_background,
+    stop_requested,
+    supervise,
+)
 from taskd.config import PostgresSettings, RelaySettings, StreamSettings
 from taskd.streams import (
     REDIS_DOWN,
-    Event,
-    Keys,
+    RedisKeys,
+    StreamEvent,
     as_entries,
     encode_event,
     entry_fields,
@@ -36,7 +42,6 @@ from taskd.streams import (
 
 log = logging.getLogger(__name__)
 
-LEADER_LOCK = 7_243_002  # advisory lock key: one relay leader per database
 HOLD_BACK_SECONDS = 30.0  # a user whose events Redis refuses is retried after this
 
 
@@ -79,7 +84,7 @@ class Relay:
         relay: RelaySettings,
         stream: StreamSettings,
         redis: Redis,
-        keyspace: Keys,
+        keyspace: RedisKeys,
     ) -> None:
         self._postgres = postgres
         self._settings = relay
@@ -89,48 +94,43 @@ class Relay:
         self.is_leader = False
         self.published = 0  # events published by this process (a counter for /metrics)
         self._held_back: dict[int, float] = {}  # user id -> loop time to retry their events
+        self._failures = 0  # in a row, for the log
+        self._stepped_down = False  # the last failure ended this process's leadership
 
     async def run(self) -> None:
         """Forever: connect, try to lead, publish while leading; back off on any failure."""
-        backoff, failures = Backoff(0.1, self._settings.max_backoff), 0
-        while True:
-            try:
-                async with (
-                    aiopg.connect(**_session_options(self._postgres, self._settings)) as conn,
-                    conn.cursor() as cur,
-                ):
-                    while True:
-                        await cur.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
-                        if (await cur.fetchone())[0]:
-                            await self._lead(cur)
-                        backoff.reset()
-                        failures = 0
-                        if stop_requested():
-                            raise asyncio.CancelledError()
-                        await asyncio.sleep(self._settings.sweep_interval)
-            except asyncio.CancelledError:
-                if stop_requested():
-                    raise
-                # aiopg reports a statement the server cancelled (statement_timeout, a lock
-                # wait) as CancelledError: a failure to retry, not the end of the relay.
-                log.warning("relay: a statement was cancelled by the server; retrying")
-            except Exception as exc:
-                if stop_requested():
-                    raise asyncio.CancelledError() from exc
-                failures += 1
-                if self.is_leader:
-                    log.warning("relay leader stepping down: %r", exc)
-                elif failures >= 3:  # once is a blip; repeatedly, events are piling up
-                    log.warning(
-                        "relay cannot take part in the election (%d tries): %r", failures, exc
-                    )
-                else:
-                    log.debug("relay election failed: %r", exc)
-            finally:
-                self.is_leader = False
-            if stop_requested():
-                raise asyncio.CancelledError()
-            await backoff.sleep()
+        backoff = Backoff(0.1, self._settings.max_backoff)
+        await supervise(lambda: self._take_part(backoff), backoff, self._failed)
+
+    async def _take_part(self, backoff: Backoff) -> None:
+        """One session: try for the lock every sweep interval, lead while holding it."""
+        try:
+            async with (
+                aiopg.connect(**_session_options(self._postgres, self._settings)) as conn,
+                conn.cursor() as cur,
+            ):
+                while not stop_requested():
+                    if await store.try_lead(cur):
+                        await self._lead(cur)
+                    backoff.reset()
+                    self._failures = 0
+                    await asyncio.sleep(self._settings.sweep_interval)
+        finally:
+            self._stepped_down = self.is_leader
+            self.is_leader = False
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        if isinstance(exc, ServerCancelled):
+            log.warning("relay: a statement was cancelled by the server; retrying")
+        elif self._stepped_down:
+            log.warning("relay leader stepping down: %r", exc)
+        elif self._failures >= 3:  # once is a blip; repeatedly, events are piling up
+            log.warning(
+                "relay cannot take part in the election (%d tries): %r", self._failures, exc
+            )
+        else:
+            log.debug("relay election failed: %r", exc)
 
     async def _lead(self, cur: Any) -> None:
         """Publish until something fails; every sweep's queries also keep the lease alive."""
@@ -174,7 +174,7 @@ class Relay:
         if not rows:
             return 0
         events = [encode_event(row) for row in rows]
-        refused: list[Event] = []
+        refused: list[StreamEvent] = []
         failed: set[int] = set()
         try:
             results = await self._publish(events)
@@ -207,7 +207,7 @@ class Relay:
         self.published += len(done)
         return len(rows)
 
-    async def _publish(self, events: list[Event]) -> list[Any]:
+    async def _publish(self, events: list[StreamEvent]) -> list[Any]:
         """XADD each event to its user's stream and to the firehose, in one MULTI/EXEC;
         the replies, two per event."""
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -230,7 +230,7 @@ class Relay:
                 )
             return list(await pipe.execute(raise_on_error=False))
 
-    async def _diverged(self, refused: list[Event]) -> set[int]:
+    async def _diverged(self, refused: list[StreamEvent]) -> set[int]:
         """Users for whom Redis refused an event id it holds *another* event under.
 
         A refused id normally means "published already" (a relay that died before deleting

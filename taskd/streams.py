@@ -19,8 +19,9 @@ from redis.typing import EncodableT, FieldT
 
 from taskd import keys
 from taskd.config import RedisSettings
-from taskd.schemas import BIGINT_MAX, DESCRIPTION_MAX, TITLE_MAX, task_body, timestamp
-from taskd.store import OutboxEvent, Task
+from taskd.models import OutboxEvent, Task
+from taskd.responses import task_body, timestamp
+from taskd.schemas import BIGINT_MAX, DESCRIPTION_MAX, TITLE_MAX
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 
-class Keys:
+class RedisKeys:
     """Redis key names, all under the configured namespace, spelled out only here."""
 
     def __init__(self, namespace: str) -> None:
@@ -78,7 +79,9 @@ async def forget_namespace(settings: RedisSettings) -> int:
     left by another database under the same namespace would be taken for this one's."""
     client = make_redis(settings)
     try:
-        doomed = [key async for key in client.scan_iter(match=Keys(settings.namespace).pattern())]
+        doomed = [
+            key async for key in client.scan_iter(match=RedisKeys(settings.namespace).pattern())
+        ]
         for start in range(0, len(doomed), 500):
             await client.delete(*doomed[start : start + 500])
         return len(doomed)
@@ -133,7 +136,7 @@ def parse_event_id(raw: str) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class StreamEvent:
     """One event of one user: `data` is the JSON sent to clients, serialised once.
 
     `data` is None for a firehose reference to an event too big to copy there: the reader
@@ -154,20 +157,20 @@ class Event:
 EVENT_OVERHEAD_BYTES = 200
 
 
-def encode_event(row: OutboxEvent) -> Event:
+def encode_event(row: OutboxEvent) -> StreamEvent:
     """The API.md event for an outbox row."""
     task = {"id": row.task_id, "version": row.version} if row.task is None else task_body(row.task)
     body = {"id": event_id(row.seq), "type": row.kind, "task": task, "at": timestamp(row.at)}
-    return Event(row.user_id, row.seq, row.kind, json.dumps(body, ensure_ascii=False))
+    return StreamEvent(row.user_id, row.seq, row.kind, json.dumps(body, ensure_ascii=False))
 
 
-def entry_fields(event: Event) -> dict[FieldT, EncodableT]:
+def entry_fields(event: StreamEvent) -> dict[FieldT, EncodableT]:
     """What an event carries in its user's stream: everything."""
     assert event.data is not None, "only whole events are published"
     return {"user": event.user_id, "seq": event.seq, "type": event.type, "data": event.data}
 
 
-def firehose_fields(event: Event, inline_bytes: int) -> dict[FieldT, EncodableT]:
+def firehose_fields(event: StreamEvent, inline_bytes: int) -> dict[FieldT, EncodableT]:
     """What it carries in the firehose: everything, or for a big event only a reference, so
     that the firehose's size is bounded by its length (README, "Memory bounds")."""
     if event.data is not None and len(event.data.encode()) <= inline_bytes:
@@ -175,9 +178,9 @@ def firehose_fields(event: Event, inline_bytes: int) -> dict[FieldT, EncodableT]
     return {"user": event.user_id, "seq": event.seq, "type": event.type}
 
 
-def event_from_entry(fields: Mapping[bytes, bytes]) -> Event:
+def event_from_entry(fields: Mapping[bytes, bytes]) -> StreamEvent:
     data = fields.get(b"data")
-    return Event(
+    return StreamEvent(
         int(fields[b"user"]),
         int(fields[b"seq"]),
         fields[b"type"].decode(),
@@ -229,13 +232,13 @@ end
 class StreamReader:
     """Reads one user's stream after a position, in slices bounded by bytes and count."""
 
-    def __init__(self, redis: Redis, keyspace: Keys, budget: int, limit: int) -> None:
+    def __init__(self, redis: Redis, keyspace: RedisKeys, budget: int, limit: int) -> None:
         self._script = redis.register_script(READ_SLICE)
         self._keys = keyspace
         self._budget = budget
         self._limit = limit
 
-    async def after(self, user_id: int, seq: int) -> tuple[list[Event], bool]:
+    async def after(self, user_id: int, seq: int) -> tuple[list[StreamEvent], bool]:
         """The events after `seq` (one slice), and whether more may follow them."""
         args: list[str | int] = [event_id(seq + 1), self._budget, self._limit]
         entries, more = await self._script(keys=[self._keys.events(user_id)], args=args)

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from taskd.config import ThrottleSettings
 from taskd.errors import Throttled
-from taskd.streams import REDIS_DOWN, Keys
+from taskd.streams import REDIS_DOWN, RedisKeys
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class Throttle:
     """Count attempts per (scope, identity) in windows of `window` seconds."""
 
-    def __init__(self, redis: Redis, keys: Keys, settings: ThrottleSettings) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, settings: ThrottleSettings) -> None:
         self._redis = redis
         self._keys = keys
         self._window = settings.window

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from psycopg2.extensions import make_dsn, parse_dsn
 from pydantic import SecretStr
 
-from taskd import devservers
+import devtools
 from taskd.app import create_app
 from taskd.config import Settings, load_settings
 from taskd.db import migrate_dsn
@@ -53,18 +53,18 @@ def base_settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def services(base_settings: Settings) -> Iterator[devservers.Services]:
+def services(base_settings: Settings) -> Iterator[devtools.Services]:
     """The configured servers when they answer, otherwise private ones for this run."""
-    with devservers.Services(
+    with devtools.Services(
         base_settings.postgres.dsn.get_secret_value(),
         base_settings.redis.url.get_secret_value(),
-        devservers.state_dir(PROJECT) / "test",
+        devtools.state_dir(PROJECT) / "test",
     ) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-def template_dsn(services: devservers.Services) -> Iterator[str]:
+def template_dsn(services: devtools.Services) -> Iterator[str]:
     """A migrated database that every test's database is cloned from."""
     name = f"taskd_template_{os.getpid()}"
     admin_execute(services.postgres_dsn, f"DROP DATABASE IF EXISTS {name}")
@@ -77,7 +77,7 @@ def template_dsn(services: devservers.Services) -> Iterator[str]:
 
 
 @pytest.fixture
-def database_dsn(services: devservers.Services, template_dsn: str) -> Iterator[str]:
+def database_dsn(services: devtools.Services, template_dsn: str) -> Iterator[str]:
     """A fresh database for this test (a template clone takes milliseconds)."""
     name = f"taskd_test_{uuid.uuid4().hex[:16]}"
     template = parse_dsn(template_dsn)["dbname"]
@@ -87,7 +87,7 @@ def database_dsn(services: devservers.Services, template_dsn: str) -> Iterator[s
 
 
 @pytest.fixture(scope="session")
-def namespaces(services: devservers.Services) -> Iterator[list[str]]:
+def namespaces(services: devtools.Services) -> Iterator[list[str]]:
     """Every test's Redis namespace, removed at the end of the session: an app or replica
     still shutting down after its test cannot leave keys behind."""
     used: list[str] = []
@@ -114,7 +114,7 @@ SettingsFactory = Callable[..., Settings]
 
 @pytest.fixture
 def make_settings(
-    base_settings: Settings, services: devservers.Services, database_dsn: str, namespace: str
+    base_settings: Settings, services: devtools.Services, database_dsn: str, namespace: str
 ) -> SettingsFactory:
     """Settings on this test's database and namespace; `section={key: value}` overrides."""
     secret = SecretStr(secrets.token_urlsafe(48))

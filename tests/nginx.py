@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from taskd import devservers
+import devtools
 
 PROJECT = Path(__file__).resolve().parent.parent
 CONFIG = PROJECT / "deploy" / "nginx.conf"
@@ -89,7 +89,7 @@ class Nginx:
         assert binary is not None, "no nginx: run scripts/ensure-nginx.sh"
         self.binary = binary
         self.base_dir = base_dir
-        self.port = devservers.free_port()
+        self.port = devtools.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = base_dir / "nginx.conf"
         self.access_log = base_dir / "access.log"

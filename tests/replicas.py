@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from taskd import devservers
+import devtools
 from taskd.config import Settings
 
 RECOVERY = 30.0  # bound on waiting for a reconnect with back-off; not a goal
@@ -16,7 +16,7 @@ class Replica:
     """A `taskd serve` process: a replica whose death is real."""
 
     def __init__(self, settings: Settings, **env: str) -> None:
-        self.port = devservers.free_port()
+        self.port = devtools.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,

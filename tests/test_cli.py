@@ -14,19 +14,23 @@ from pathlib import Path
 
 import aiohttp
 
-from taskd import devservers
+import devtools
+from taskd.cli import DEV_NEEDS_CHECKOUT
 from taskd.config import Settings
 from tests.conftest import PASSWORD, PROJECT, admin_execute, with_dbname
 from tests.live import raw_redis
 
 STARTUP_LIMIT = 120.0  # initdb on a busy machine; a bound, not a goal
+# The console script, as `make run` runs it: unlike `python -m`, it does not put the current
+# directory on the path, so `taskd dev` finds devtools/ in a checkout by itself.
+SCRIPT = Path(sys.executable).with_name("taskd")
 
 
-async def run_taskd(*args: str, env: dict[str, str], cwd: Path) -> asyncio.subprocess.Process:
+async def run_taskd(
+    *args: str, env: dict[str, str], cwd: Path, script: bool = False
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "taskd",
+        *([str(SCRIPT)] if script else [sys.executable, "-m", "taskd"]),
         *args,
         env={**os.environ, **env},
         cwd=cwd,
@@ -43,18 +47,20 @@ async def test_serve_refuses_a_missing_secret(tmp_path: Path) -> None:
 
 
 async def test_dev_starts_private_servers_serves_and_stops_them() -> None:
-    workdir = devservers.state_dir(PROJECT) / f"cli-{uuid.uuid4().hex[:8]}"
+    workdir = devtools.state_dir(PROJECT) / f"cli-{uuid.uuid4().hex[:8]}"
     workdir.mkdir(parents=True)
-    port = devservers.free_port()
+    # A checkout of its own (its devtools/ is the project's), so that state stays in it.
+    (workdir / "devtools").symlink_to(PROJECT / "devtools")
+    port = devtools.free_port()
     env = {
         # Nothing listens on these: the launcher must start its own servers.
-        "TASKD_POSTGRES_DSN": f"postgresql://postgres@127.0.0.1:{devservers.free_port()}/taskd",
-        "TASKD_REDIS_URL": f"redis://127.0.0.1:{devservers.free_port()}/0",
+        "TASKD_POSTGRES_DSN": f"postgresql://postgres@127.0.0.1:{devtools.free_port()}/taskd",
+        "TASKD_REDIS_URL": f"redis://127.0.0.1:{devtools.free_port()}/0",
         "TASKD_HTTP_PORT": str(port),
         "TASKD_AUTH_BCRYPT_ROUNDS": "4",
         "TASKD_AUTH_SECRET": "",
     }
-    proc = await run_taskd("dev", env=env, cwd=workdir)
+    proc = await run_taskd("dev", env=env, cwd=workdir, script=True)
     assert proc.stdout is not None
     output = []
     try:
@@ -66,9 +72,12 @@ async def test_dev_starts_private_servers_serves_and_stops_them() -> None:
                 if "taskd is serving at" in line:
                     break
         assert f"http://127.0.0.1:{port}/" in line
-        redis_port = int(
-            re.findall(r"redis: using private server 127\.0\.0\.1:(\d+)", "".join(output))[0]
-        )
+        ports = {
+            kind: int(
+                re.findall(rf"{kind}: using private server 127\.0\.0\.1:(\d+)", "".join(output))[0]
+            )
+            for kind in ("postgres", "redis")
+        }
 
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
@@ -88,13 +97,26 @@ async def test_dev_starts_private_servers_serves_and_stops_them() -> None:
         proc.send_signal(signal.SIGINT)
         rest, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, "".join(output) + rest.decode()
-    assert not devservers.PostgresServer(devservers.state_dir(workdir) / "postgres").running()
-    assert not devservers.redis_reachable(f"redis://127.0.0.1:{redis_port}/0", timeout=1)
+    pg_dsn = f"postgresql://postgres@127.0.0.1:{ports['postgres']}/postgres"
+    assert not devtools.postgres_reachable(pg_dsn, timeout=1)
+    # A clean shutdown: postgres removes its pid file (a crash leaves it).
+    assert not (workdir / ".dev" / "postgres" / "pgdata" / "postmaster.pid").exists()
+    assert not devtools.redis_reachable(f"redis://127.0.0.1:{ports['redis']}/0", timeout=1)
     shutil.rmtree(workdir)
 
 
+async def test_dev_outside_a_checkout_says_to_run_make_run(tmp_path: Path) -> None:
+    """A plain install has no devtools/: one line that says what to do, and nothing started."""
+    proc = await run_taskd("dev", env={"PYTHONPATH": ""}, cwd=tmp_path, script=True)
+    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert output.decode() == DEV_NEEDS_CHECKOUT + "\n"
+    assert "make run" in DEV_NEEDS_CHECKOUT
+    assert not (tmp_path / ".dev").exists()
+
+
 async def test_migrate_of_a_new_schema_clears_stale_events_from_its_namespace(
-    services: devservers.Services, settings: Settings, tmp_path: Path
+    services: devtools.Services, settings: Settings, tmp_path: Path
 ) -> None:
     name = f"taskd_fresh_{uuid.uuid4().hex[:8]}"
     admin_execute(services.postgres_dsn, f"CREATE DATABASE {name}")
@@ -123,7 +145,7 @@ async def test_migrate_of_a_new_schema_clears_stale_events_from_its_namespace(
 
 
 async def test_migrate_without_postgres_is_a_one_line_error(tmp_path: Path) -> None:
-    dsn = f"postgresql://postgres@127.0.0.1:{devservers.free_port()}/taskd"
+    dsn = f"postgresql://postgres@127.0.0.1:{devtools.free_port()}/taskd"
     proc = await run_taskd("migrate", env={"TASKD_POSTGRES_DSN": dsn}, cwd=tmp_path)
     output, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1

@@ -1,4 +1,4 @@
-"""Tests for taskd.devservers: private Postgres/Redis start, crash, restart and Services."""
+"""Tests for devtools: private Postgres/Redis start, crash, restart, stale servers and Services."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import psycopg2
 import pytest
 import redis
 
-from taskd.devservers import (
+from devtools import (
     PostgresServer,
     RedisServer,
     Services,
@@ -113,15 +113,45 @@ def test_postgres_survives_kill_and_restarts_on_same_port(base_dir: Path) -> Non
     assert not postgres_reachable(server.dsn(), timeout=1.0)
 
 
-def test_postgres_start_stops_stale_server_of_same_data_dir(base_dir: Path) -> None:
+def test_postgres_start_ends_a_stale_server_of_the_same_data_dir(base_dir: Path) -> None:
+    """As after a launcher was killed: its server would share the data directory."""
     stale = PostgresServer(base_dir)
     fresh = PostgresServer(base_dir)
     try:
         stale.start()
         fresh.start()
         assert fresh.running()
+        assert not stale.running()
         assert _query_one(fresh.dsn(), "SELECT 1") == 1
         assert not postgres_reachable(stale.dsn(), timeout=1.0)
+    finally:
+        fresh.stop()
+        stale.stop()
+
+
+def test_postgres_starts_over_a_pid_file_naming_a_live_process(base_dir: Path) -> None:
+    """A reused pid (or a zombie) in a stale postmaster.pid would pass for a live postmaster."""
+    server = PostgresServer(base_dir)
+    try:
+        server.start()
+        server.stop()
+        (server.data_dir / "postmaster.pid").write_text(f"{os.getpid()}\n{server.data_dir}\n")
+        server.start()
+        assert _query_one(server.dsn(), "SELECT 1") == 1
+    finally:
+        server.stop()
+
+
+def test_redis_start_ends_a_stale_server_of_the_same_directory(base_dir: Path) -> None:
+    stale = RedisServer(base_dir)
+    fresh = RedisServer(base_dir)
+    try:
+        stale.start()
+        fresh.start()
+        assert fresh.running()
+        assert not stale.running()
+        assert redis_reachable(fresh.url)
+        assert not redis_reachable(stale.url, timeout=0.5)
     finally:
         fresh.stop()
         stale.stop()

@@ -16,7 +16,8 @@ import psycopg2
 import pytest
 from pydantic import SecretStr
 
-from taskd import devservers, keys
+import devtools
+from taskd import keys
 from taskd.app import create_app
 from taskd.config import Settings
 from taskd.db import migrate_dsn
@@ -33,13 +34,13 @@ async def eventually(probe: Callable[[], Awaitable[bool]], limit: float = RECOVE
 
 
 def private_dir(kind: str) -> Any:
-    return devservers.state_dir(PROJECT) / f"{kind}-{uuid.uuid4().hex[:8]}"
+    return devtools.state_dir(PROJECT) / f"{kind}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
-def private_redis() -> Iterator[devservers.RedisServer]:
+def private_redis() -> Iterator[devtools.RedisServer]:
     base = private_dir("redis")
-    server = devservers.RedisServer(base, persistent=True)
+    server = devtools.RedisServer(base, persistent=True)
     server.start()
     try:
         yield server
@@ -55,7 +56,7 @@ async def stream_ids(user: User, after: str, count: int) -> list[str]:
 async def test_writes_survive_redis_outage_and_backlog_drains_in_order(
     aiohttp_client: ClientFactory,
     make_settings: SettingsFactory,
-    private_redis: devservers.RedisServer,
+    private_redis: devtools.RedisServer,
 ) -> None:
     settings = make_settings(redis={"url": SecretStr(private_redis.url), "timeout": 0.5})
     client = await aiohttp_client(create_app(settings))
@@ -97,10 +98,10 @@ async def test_writes_survive_redis_outage_and_backlog_drains_in_order(
 async def test_relay_and_hub_recover_from_a_postgres_restart(
     aiohttp_client: ClientFactory, make_settings: SettingsFactory
 ) -> None:
-    server = devservers.PostgresServer(private_dir("pg"))
+    server = devtools.PostgresServer(private_dir("pg"))
     server.start()
     try:
-        devservers.ensure_database(server.dsn("taskd"))
+        devtools.ensure_database(server.dsn("taskd"))
         settings = make_settings(postgres={"dsn": SecretStr(server.dsn("taskd")), "timeout": 2.0})
         await migrate_dsn(settings.postgres)
         client = await aiohttp_client(create_app(settings))
@@ -243,7 +244,7 @@ async def test_relay_survives_a_statement_cancelled_by_the_server(
 async def test_short_redis_blips_do_not_grow_the_hubs_delay(
     aiohttp_client: ClientFactory,
     make_settings: SettingsFactory,
-    private_redis: devservers.RedisServer,
+    private_redis: devtools.RedisServer,
 ) -> None:
     """After each of several blips a new stream opens as soon as Redis is back: the hub's
     retry delay starts over once a connection held, and a stream waits for the reconnect

@@ -10,7 +10,7 @@ from taskd.app import create_app
 from taskd.config import StreamSettings
 from taskd.feed import Feed
 from taskd.hub import Subscription
-from taskd.streams import Event, max_event_bytes
+from taskd.streams import StreamEvent, max_event_bytes
 from tests.conftest import ClientFactory, SettingsFactory, User, register_and_login
 from tests.live import WAIT, raw_redis
 
@@ -62,7 +62,7 @@ async def test_catch_up_in_small_slices_still_delivers_everything_in_order(
 def test_a_subscription_queue_is_bounded_in_bytes() -> None:
     sub = Subscription(user_id=1, kind="sse", max_events=1000, max_bytes=64 * 1024)
     for seq in range(1, 100):
-        sub.offer(Event(1, seq, "task.created", "x" * 10_000))
+        sub.offer(StreamEvent(1, seq, "task.created", "x" * 10_000))
         if sub.closed:
             break
     assert sub.closed == "overflow"

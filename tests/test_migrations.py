@@ -10,7 +10,8 @@ from pathlib import Path
 import aiopg
 import psycopg2
 
-from taskd import db, devservers
+import devtools
+from taskd import db
 from tests.conftest import PROJECT, admin_execute, with_dbname
 
 
@@ -30,7 +31,7 @@ async def migrate_with(dsn: str, sql_dir: Path) -> list[str]:
 
 
 async def test_migration_003_carries_existing_rows_over(
-    services: devservers.Services, tmp_path: Path
+    services: devtools.Services, tmp_path: Path
 ) -> None:
     name = f"taskd_mig_{uuid.uuid4().hex[:12]}"
     base = services.postgres_dsn

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import SecretStr
 
-from taskd import devservers
+import devtools
 from taskd.app import create_app
 from taskd.config import Settings
 from taskd.db import migrate_dsn
@@ -20,11 +20,11 @@ from tests.conftest import PROJECT, ClientFactory, SettingsFactory, register_and
 
 
 @pytest.fixture
-def private_postgres() -> Iterator[devservers.PostgresServer]:
-    server = devservers.PostgresServer(devservers.state_dir(PROJECT) / f"pg-{uuid.uuid4().hex[:8]}")
+def private_postgres() -> Iterator[devtools.PostgresServer]:
+    server = devtools.PostgresServer(devtools.state_dir(PROJECT) / f"pg-{uuid.uuid4().hex[:8]}")
     server.start()
     try:
-        devservers.ensure_database(server.dsn("taskd"))
+        devtools.ensure_database(server.dsn("taskd"))
         yield server
     finally:
         server.stop(mode="immediate")
@@ -33,7 +33,7 @@ def private_postgres() -> Iterator[devservers.PostgresServer]:
 
 @pytest.fixture
 def outage_settings(
-    private_postgres: devservers.PostgresServer, make_settings: SettingsFactory
+    private_postgres: devtools.PostgresServer, make_settings: SettingsFactory
 ) -> Settings:
     settings = make_settings(
         postgres={"dsn": SecretStr(private_postgres.dsn("taskd")), "timeout": 2.0}
@@ -44,7 +44,7 @@ def outage_settings(
 
 async def test_postgres_down_is_a_quick_503_and_recovers(
     aiohttp_client: ClientFactory,
-    private_postgres: devservers.PostgresServer,
+    private_postgres: devtools.PostgresServer,
     outage_settings: Settings,
 ) -> None:
     client = await aiohttp_client(create_app(outage_settings))

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
-from taskd import devservers
+import devtools
 from taskd.app import create_app
 from tests.conftest import PASSWORD, ClientFactory, SettingsFactory
 
@@ -86,7 +86,7 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
 async def test_throttle_carries_on_per_process_without_redis(
     aiohttp_client: ClientFactory, make_settings: SettingsFactory
 ) -> None:
-    dead = f"redis://127.0.0.1:{devservers.free_port()}/0"
+    dead = f"redis://127.0.0.1:{devtools.free_port()}/0"
     settings = make_settings(
         redis={"url": SecretStr(dead), "timeout": 0.5}, throttle={"login_per_username": 2}
     )

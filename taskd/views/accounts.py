@@ -9,7 +9,6 @@ import uuid
 from aiohttp import web
 
 from taskd import db, keys, store
-from taskd.auth import public
 from taskd.errors import (
     LoginFailed,
     NotAuthenticated,
@@ -18,7 +17,8 @@ from taskd.errors import (
     ValidationFailed,
 )
 from taskd.models import canonical_username
-from taskd.schemas import Login, RefreshIn, user_body, validate_body, validate_register
+from taskd.responses import user_body
+from taskd.schemas import Login, RefreshIn, validate_body, validate_register
 from taskd.views.common import client_address, read_json
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -34,7 +34,6 @@ def _tokens_response(request: web.Request, user_id: int, refresh_jti: uuid.UUID)
     return web.json_response(body, headers=NO_STORE)
 
 
-@public
 async def register(request: web.Request) -> web.Response:
     app = request.app
     limits = app[keys.SETTINGS].throttle
@@ -63,7 +62,6 @@ def _username_ident(body: Login) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-@public
 async def login(request: web.Request) -> web.Response:
     app = request.app
     limits = app[keys.SETTINGS].throttle
@@ -98,7 +96,6 @@ async def _refresh_claims(request: web.Request) -> uuid.UUID:
     return request.app[keys.TOKENS].verify(body.refresh, "refresh").jti
 
 
-@public
 async def refresh(request: web.Request) -> web.Response:
     """Rotate: the presented token is consumed atomically and a successor issued."""
     jti, new_jti = await _refresh_claims(request), uuid.uuid4()
@@ -110,7 +107,6 @@ async def refresh(request: web.Request) -> web.Response:
     return _tokens_response(request, user_id, new_jti)
 
 
-@public
 async def logout(request: web.Request) -> web.Response:
     """Revoke the refresh token's whole family (every replica reads revocation from Postgres)."""
     jti = await _refresh_claims(request)

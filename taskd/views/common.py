@@ -1,9 +1,8 @@
-"""What every handler shares: body parsing, ids, If-Match, and the client as a proxy sees it."""
+"""What every handler shares: body parsing, ids, If-Match, absolute URLs."""
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import re
 from typing import Any
@@ -11,7 +10,6 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from taskd import keys
 from taskd.errors import NON_FIELD, NotFound, ValidationFailed
 from taskd.schemas import canonical_id
 
@@ -85,52 +83,21 @@ def etag(version: int) -> str:
     return f'"{version}"'
 
 
-def _trusted(address: str | None, request: web.Request) -> bool:
-    proxies = request.app[keys.SETTINGS].http.trusted_proxies
-    if not proxies or not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in proxies)
-
-
 def client_address(request: web.Request) -> str:
-    """The client's address: `X-Forwarded-For` is believed only from a trusted proxy."""
-    peer = request.remote or "unknown"
-    if not _trusted(peer, request):
-        return peer
-    # Each proxy appends the address it saw: the nearest untrusted hop is the client.
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not _trusted(hop, request):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _scheme_and_host(request: web.Request) -> tuple[str, str]:
-    """Where clients reach the service: `[http] public_url` when set, else what the request
-    (behind a trusted proxy: its forwarded headers) says."""
-    if pinned := request.app[keys.SETTINGS].http.public_url:
-        return pinned.scheme, pinned.authority
-    scheme, host = request.scheme, request.host
-    if _trusted(request.remote, request):
-        scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
-        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
-    return scheme, host
+    """The client's address (behind a trusted proxy, `forwarded` has made it `remote`)."""
+    return request.remote or "unknown"
 
 
 def public_origin(request: web.Request) -> str:
     """The service's own origin as the browser sees it, e.g. `https://tasks.example.com`."""
-    scheme, host = _scheme_and_host(request)
-    return f"{scheme.lower()}://{host.lower()}"
+    return f"{request.scheme.lower()}://{request.host.lower()}"
 
 
 def public_url(request: web.Request, path: str, query: dict[str, str] | None = None) -> str:
-    """An absolute URL as the client sees the service (behind a trusted proxy: its headers)."""
-    scheme, host = _scheme_and_host(request)
+    """An absolute URL as the client sees the service (see `forwarded`)."""
     try:
-        return str(URL.build(scheme=scheme, authority=host, path=path, query=query or None))
+        return str(
+            URL.build(scheme=request.scheme, authority=request.host, path=path, query=query or None)
+        )
     except ValueError:  # a Host header no URL can hold
         return str(URL.build(path=path, query=query or None))

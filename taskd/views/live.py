@@ -13,9 +13,8 @@ from aiohttp import WSMsgType, web
 from aiohttp_sse import EventSourceResponse
 
 from taskd import keys
-from taskd.auth import query_token
 from taskd.errors import ApiError, Forbidden
-from taskd.feed import Feed, Item, Reset, payload
+from taskd.feed import Feed, Item, ResetNotice, payload
 from taskd.hub import Closed
 from taskd.streams import REDIS_DOWN, event_id
 from taskd.views.common import public_origin
@@ -54,7 +53,6 @@ async def _pump(
     return False
 
 
-@query_token
 async def sse(request: web.Request) -> web.StreamResponse:
     settings = request.app[keys.SETTINGS].stream
     feed = await Feed.open(
@@ -68,7 +66,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
         await resp.write(f"retry: {settings.retry_ms}\n\n".encode())
 
         async def send(item: Item) -> None:
-            if isinstance(item, Reset):
+            if isinstance(item, ResetNotice):
                 await resp.send(payload(item), id=event_id(item.position), event="reset")
             else:
                 await resp.send(payload(item), id=event_id(item.seq), event=item.type)
@@ -101,7 +99,6 @@ def _check_origin(request: web.Request) -> None:
         raise Forbidden("Cross-origin WebSocket connections are not allowed.")
 
 
-@query_token
 async def ws(request: web.Request) -> web.StreamResponse:
     _check_origin(request)
     settings = request.app[keys.SETTINGS].stream

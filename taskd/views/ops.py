@@ -1,4 +1,4 @@
-"""Health and readiness."""
+"""Operations: liveness, readiness, Prometheus metrics and the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import logging
 
 from aiohttp import web
 
-from taskd import db, keys
-from taskd.auth import public
+from taskd import db, keys, store
 from taskd.errors import ApiError
+from taskd.metrics import CONTENT_TYPE, scrape
 from taskd.streams import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
 
-@public
 async def healthz(request: web.Request) -> web.Response:
     """200 while the process runs."""
     return web.json_response({"status": "ok"})
@@ -24,7 +23,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def _postgres_ok(app: web.Application) -> bool:
     try:
         async with db.cursor(app[keys.PG_POOL]) as cur:
-            await cur.execute("SELECT 1")
+            await store.ping(cur)
         return True
     except ApiError:
         return False
@@ -37,7 +36,6 @@ async def _redis_ok(app: web.Application) -> bool:
         return False
 
 
-@public
 async def readyz(request: web.Request) -> web.Response:
     """200 when Postgres and Redis answer and the hub tails; 503 otherwise and while draining."""
     if request.app[keys.LIFECYCLE].draining:
@@ -50,3 +48,13 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(
         {"status": "ok" if status == 200 else "unavailable", "checks": checks}, status=status
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (this process only)."""
+    return web.Response(body=await scrape(request.app), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """The OpenAPI document of the route table (built by `create_app`, which knows the table)."""
+    return web.Response(body=request.app[keys.OPENAPI], content_type="application/json")

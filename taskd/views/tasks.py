@@ -7,15 +7,15 @@ from pydantic import BaseModel
 
 from taskd import db, keys, store
 from taskd.errors import NotAuthenticated
+from taskd.models import Task
+from taskd.responses import task_body
 from taskd.schemas import (
     TaskCreate,
     TaskPatch,
     TaskPut,
     parse_list_query,
-    task_body,
     validate_body,
 )
-from taskd.store import Task
 from taskd.views.common import (
     etag,
     if_match,
