@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from taskd import keys
-from taskd.auth import PUBLIC, QUERY_TOKEN, auth_ctx, auth_middleware
+from taskd.auth import PUBLIC, QUERY_TOKEN, auth_ctx, authenticate
 from taskd.config import Settings
 from taskd.db import pg_pool_ctx
-from taskd.errors import error_middleware
-from taskd.forwarded import forwarded_middleware
+from taskd.errors import render_error
+from taskd.forwarded import client_view
 from taskd.hub import end_streams, hub_ctx
-from taskd.logs import add_request_id
-from taskd.metrics import Metrics, observe_middleware
+from taskd.logs import add_request_id, bind_request_id, request_id
+from taskd.metrics import Metrics, count_request
 from taskd.openapi import document_bytes
 from taskd.relay import relay_ctx
 from taskd.routes import ROUTES, Route
@@ -56,20 +57,44 @@ def add_routes(app: web.Application) -> None:
             app.router.add_route(route.method, route.path, _marked(route))
 
 
+def request_middleware(settings: Settings) -> Middleware:
+    """The one middleware every request passes: the client's view of it (`forwarded`), its
+    id (`logs`), authentication (`auth`), errors rendered as JSON (`errors`), counting
+    (`metrics`). One, because each middleware costs every request a coroutine frame, and
+    every live connection its memory for as long as the connection lasts."""
+    as_the_client_sees_it = client_view(settings.http)
+
+    @web.middleware
+    async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if as_the_client_sees_it is not None:
+            request = as_the_client_sees_it(request)
+        token = bind_request_id(request)
+        started = time.perf_counter()
+        status = 500  # unless an answer comes (a cancelled request has none)
+        try:
+            try:
+                authenticate(request)
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:  # a redirect is an answer, which aiohttp sends
+                    status = exc.status
+                    raise
+                response = render_error(request, exc)
+            except Exception as exc:
+                response = render_error(request, exc)
+            status = response.status
+            return response
+        finally:
+            count_request(request, status, started)
+            request_id.reset(token)
+
+    return handle
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the service; tests build it exactly as production does."""
     app = web.Application(
-        # Outermost first: everything after `forwarded` sees the request as the client does.
-        middlewares=[
-            m
-            for m in (
-                forwarded_middleware(settings.http),
-                observe_middleware,
-                error_middleware,
-                auth_middleware,
-            )
-            if m is not None
-        ],
+        middlewares=[request_middleware(settings)],
         client_max_size=settings.http.max_body_bytes,
     )
     app[keys.SETTINGS] = settings

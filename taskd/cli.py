@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import psycopg2
+import uvloop
 from aiohttp import web
 from pydantic import SecretStr
 
@@ -20,7 +21,7 @@ from taskd.app import create_app
 from taskd.config import ConfigError, Settings, check_secret, load_settings
 from taskd.db import migrate_dsn
 from taskd.logs import AccessLogger, setup_logging
-from taskd.server import Runner
+from taskd.server import Runner, freeze_start_up_objects, raise_open_file_limit
 from taskd.streams import REDIS_DOWN, forget_namespace
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
     try:
         site = web.TCPSite(runner, http.host, http.port, reuse_port=reuse_port or None)
         await site.start()
+        freeze_start_up_objects()
         print(f"taskd is serving at http://{http.host}:{http.port}/ (Ctrl-C stops it)", flush=True)
         loop = asyncio.get_running_loop()
         received: asyncio.Future[signal.Signals] = loop.create_future()
@@ -94,11 +96,13 @@ async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
     log.info("taskd stopped")
 
 
-def _serve(settings: Settings, workers: int = 1) -> None:
-    if workers <= 1:
-        asyncio.run(_serve_until_stopped(settings, reuse_port=False))
-        return
-    _supervise(workers)
+def _serve(settings: Settings, workers: int = 1, reuse_port: bool = False) -> None:
+    raise_open_file_limit()
+    if workers > 1:
+        _supervise(workers)
+    else:
+        # uvloop: the event loop in C (libuv); a request's socket and loop overhead halves.
+        uvloop.run(_serve_until_stopped(settings, reuse_port))
 
 
 def _supervise(workers: int) -> None:
@@ -180,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log)
         if args.command == "serve":
             check_secret(settings)
-            if args.reuse_port:
-                asyncio.run(_serve_until_stopped(settings, reuse_port=True))
-            else:
-                _serve(settings, args.workers)
+            _serve(settings, args.workers, args.reuse_port)
         elif args.command == "migrate":
             applied = asyncio.run(_migrate(settings))
             print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +153,12 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
     )
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error as JSON; log the unexpected once and answer 500 without details."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def render_error(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON answer to an error a handler raised (an `ApiError`, aiohttp's own 4xx/5xx);
+    the unexpected is logged once and answered 500 without details."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.body(), exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+    if isinstance(exc, web.HTTPException):
         return _from_http_exception(request, exc)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, {"detail": "A server error occurred.", "code": "error"})
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, {"detail": "A server error occurred.", "code": "error"})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +50,19 @@ class Feed:
     what its subscription queued (`queue_bytes`): a client that never reads costs its
     replica a bounded amount, however big the events it is behind on."""
 
+    __slots__ = (
+        "_ahead",
+        "_ahead_bytes",
+        "_hub",
+        "_need_fill",
+        "_pool",
+        "_reader",
+        "_ready",
+        "_settings",
+        "_sub",
+        "last",
+    )
+
     def __init__(
         self,
         hub: Hub,
@@ -65,7 +77,7 @@ class Feed:
         self._reader = reader
         self._settings = settings
         self.last = 0
-        self._ready: deque[Item] = deque()
+        self._ready: list[Item] = []  # short (a slice at most); a deque weighs 600 bytes empty
         self._ahead: dict[int, StreamEvent] = {}  # live events past a gap, by seq
         self._ahead_bytes = 0
         self._need_fill = False
@@ -125,7 +137,7 @@ class Feed:
             except TimeoutError:
                 return None
             self._accept(event)
-        return self._ready.popleft()
+        return self._ready.pop(0)
 
     def _accept(self, event: StreamEvent) -> None:
         if event.seq <= self.last:

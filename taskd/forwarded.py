@@ -1,13 +1,13 @@
-"""The request as the client sees it, settled once: behind a trusted proxy its
-`X-Forwarded-For/-Proto/-Host`, or the pinned `[http] public_url`, become the request's own
-`remote`, `scheme` and `host` for every middleware and handler after this one."""
+"""The request as the client sees it, settled once, before anything else reads it: behind a
+trusted proxy its `X-Forwarded-For/-Proto/-Host`, or the pinned `[http] public_url`, become
+the request's own `remote`, `scheme` and `host`."""
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from taskd.config import HttpSettings, IPNetwork
 
@@ -26,15 +26,14 @@ def _first(value: str) -> str:
     return value.split(",")[0].strip()
 
 
-def forwarded_middleware(settings: HttpSettings) -> Middleware | None:
-    """The middleware for these settings; None when there is nothing to rewrite (no trusted
-    proxy, no pinned URL), so that a direct deployment pays nothing for it."""
+def client_view(settings: HttpSettings) -> Callable[[web.Request], web.Request] | None:
+    """What turns a request into the client's view of it; None when there is nothing to
+    rewrite (no trusted proxy, no pinned URL), so that a direct deployment pays nothing."""
     proxies, pinned = settings.trusted_proxies, settings.public_url
     if not proxies and pinned is None:
         return None
 
-    @web.middleware
-    async def as_the_client_sees_it(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def as_the_client_sees_it(request: web.Request) -> web.Request:
         remote, scheme, host = request.remote, request.scheme, request.host
         if _trusted(remote, proxies):
             # Each proxy appends the address it saw: the nearest untrusted hop is the client.
@@ -46,6 +45,6 @@ def forwarded_middleware(settings: HttpSettings) -> Middleware | None:
             host = _first(request.headers.get("X-Forwarded-Host", host))
         if pinned is not None:
             scheme, host = pinned.scheme, pinned.authority
-        return await handler(request.clone(remote=remote or "unknown", scheme=scheme, host=host))
+        return request.clone(remote=remote or "unknown", scheme=scheme, host=host)
 
     return as_the_client_sees_it

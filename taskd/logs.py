@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -19,6 +20,10 @@ from taskd.config import LogSettings
 
 # The id of the request being handled, added to every log line written meanwhile.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# Ids this process makes: a random prefix per process and a counter, unique across replicas
+# without a system call per request (uuid4 reads the kernel's random source).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_id_counter = itertools.count()
 # A client's X-Request-ID is kept when it is a plausible id (it goes into logs verbatim).
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -27,7 +32,7 @@ def bind_request_id(request: web.Request) -> Token[str | None]:
     """Give the request its id (the client's X-Request-ID when plausible, else a new one) and
     make it the id of every log line written while it is handled; reset with the token."""
     incoming = request.headers.get("X-Request-ID", "")
-    rid = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    rid = incoming if REQUEST_ID_RE.match(incoming) else f"{_ID_PREFIX}{next(_id_counter):016x}"
     request[keys.REQUEST_ID] = rid
     return request_id.set(rid)
 
@@ -127,6 +132,11 @@ class RedactingFormatter(logging.Formatter):
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request, with the query string redacted."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether aiohttp should call `log` at all (not at `[log] level` WARNING or above)."""
+        return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields = {

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from taskd import db, keys, store
 from taskd.errors import ApiError
-from taskd.logs import bind_request_id, request_id
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,22 @@ class Metrics:
         self.backlog_age = Gauge(
             "taskd_outbox_oldest_age_seconds", "Age of the oldest unpublished event.", registry=r
         )
+        # Label children by their values: `labels()` validates and locks on every call.
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request and its duration (method, route and status are bounded sets)."""
+        counted = self._counted.get((method, route, status))
+        if counted is None:
+            counted = self._counted[method, route, status] = self.requests.labels(
+                method, route, str(status)
+            )
+        timed = self._timed.get((method, route))
+        if timed is None:
+            timed = self._timed[method, route] = self.latency.labels(method, route)
+        counted.inc()
+        timed.observe(seconds)
 
 
 def _route(request: web.Request) -> str:
@@ -70,26 +85,11 @@ def _route(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request its id (see `logs`) and count it by route and status."""
-    token = bind_request_id(request)
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        metrics = request.app[keys.METRICS]
-        route = _route(request)
-        method = request.method if request.method in KNOWN_METHODS else "other"
-        metrics.requests.labels(method, route, str(status)).inc()
-        metrics.latency.labels(method, route).observe(time.perf_counter() - started)
-        request_id.reset(token)
+def count_request(request: web.Request, status: int, started: float) -> None:
+    """Count a finished request by method, route and status, and its duration."""
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    seconds = time.perf_counter() - started
+    request.app[keys.METRICS].observe(method, _route(request), status, seconds)
 
 
 async def _refresh(app: web.Application, metrics: Metrics) -> None:

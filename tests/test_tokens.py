@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -11,8 +12,9 @@ from typing import Any
 import jwt
 import pytest
 
+from taskd.app import create_app
 from taskd.config import Settings
-from tests.conftest import User
+from tests.conftest import ClientFactory, SettingsFactory, User, register_and_login
 
 
 def b64(data: dict[str, Any]) -> str:
@@ -131,3 +133,17 @@ async def test_a_sub_that_is_not_a_canonical_id_is_refused(
 async def test_query_token_is_not_accepted_on_rest_routes(alice: User) -> None:
     async with alice.client.get(f"/api/tasks/?token={alice.access}") as resp:
         assert resp.status == 401
+
+
+async def test_a_remembered_access_token_still_expires(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    """Verified access tokens are remembered, never past their `exp`."""
+    client = await aiohttp_client(create_app(make_settings(auth={"access_ttl": 2})))
+    user = await register_and_login(client, "brief")
+    status, _ = await status_with(user, user.access)
+    assert status == 200  # verified, and now remembered
+    expires = jwt.decode(user.access, options={"verify_signature": False})["exp"]
+    await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)  # wall-clock expiry itself
+    status, body = await status_with(user, user.access)
+    assert (status, body["code"]) == (401, "token_not_valid")
