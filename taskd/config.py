@@ -110,6 +110,7 @@ class ThrottleSettings(_Section):
     login_per_address: int = Field(30, ge=1)
     login_per_username: int = Field(10, ge=1)
     register_per_address: int = Field(10, ge=1)
+    refresh_per_user: int = Field(60, ge=1)
     local_max_keys: int = Field(100_000, ge=1)
 
 

@@ -107,7 +107,7 @@ async def _fill_username_keys(cur: Cursor) -> None:
     if clashes := await store.backfill_username_keys(cur):
         log.warning(
             "accounts %s share a canonical username with an older account: they cannot log"
-            " in until renamed (see README, Accounts)",
+            " in until renamed (see README, What protects a user)",
             clashes,
         )
 

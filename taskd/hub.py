@@ -23,14 +23,18 @@ from taskd.streams import (
     StreamReader,
     as_entries,
     event_from_entry,
+    event_id,
     xread_entries,
 )
 
 log = logging.getLogger(__name__)
 
 # Seconds a client over `stream.max_per_user` is asked to wait: connections of a user that
-# went away (a closed tab) are noticed within a ping interval at most.
+# went away (a closed tab) are noticed by the second ping that fails, within two intervals.
 BUSY_RETRY_AFTER = 5
+# The hub retries a lost Redis at least this often: a stream opened meanwhile waits for it
+# (`stream.reconnect_wait`), so the retry must come sooner than that wait runs out.
+HUB_MAX_BACKOFF = 0.5
 
 
 class Closed(Exception):
@@ -175,7 +179,7 @@ class Hub:
 
     async def run(self) -> None:
         """Forever: tail the firehose; on losing Redis end every local stream and retry."""
-        backoff = Backoff(0.1, 5.0)
+        backoff = Backoff(0.1, HUB_MAX_BACKOFF)
         await supervise(lambda: self._connect_and_tail(backoff), backoff, self._failed)
 
     async def _connect_and_tail(self, backoff: Backoff) -> None:
@@ -209,19 +213,42 @@ class Hub:
                 reply = await client.xread({key: last}, count=batch, block=block)
             entries = xread_entries(reply, key)
             before = last
+            events = []
             for entry_id, fields in entries:
                 last = entry_id
                 try:
-                    event = event_from_entry(fields)
+                    events.append(event_from_entry(fields))
                 except (KeyError, ValueError, UnicodeDecodeError):
                     log.error("hub: skipping a firehose entry it cannot read: %r", entry_id)
-                    continue
+            async with asyncio.timeout(self._redis_settings.timeout + 5):
+                events = await self._resolve(client, events)
+            for event in events:
                 self._dispatch(event)
             if len(entries) == batch and await self._fell_behind(client, key, before):
                 # The firehose was trimmed past us: these subscribers may have missed events
                 # of users that will send nothing more. They resume from the per-user streams.
                 log.warning("hub fell behind the firehose: ending local streams")
                 self.close_all("behind")
+
+    async def _resolve(self, client: Redis, events: list[StreamEvent]) -> list[StreamEvent]:
+        """The events, with each big one that travelled the firehose as a reference read
+        whole from its user's stream, once for this replica (not once per connection), if
+        this replica has subscribers of that user. One not found stays a reference: its
+        feeds look for it themselves (and reset if it is gone)."""
+        wanted = [
+            i for i, e in enumerate(events) if e.data is None and e.user_id in self._subscribers
+        ]
+        if not wanted:
+            return events
+        async with client.pipeline(transaction=False) as pipe:
+            for i in wanted:
+                seq_id = event_id(events[i].seq)
+                pipe.xrange(self._keys.events(events[i].user_id), min=seq_id, max=seq_id)
+            found = await pipe.execute()
+        for i, entries in zip(wanted, found, strict=True):
+            if entries:
+                events[i] = event_from_entry(entries[0][1])
+        return events
 
     @staticmethod
     async def _fell_behind(client: Redis, key: str, before: bytes | str) -> bool:

@@ -68,7 +68,8 @@ _NAME = r"[^=&;#?/\s'\"]"
 _SECRET_PARAM = re.compile(
     rf"(?<![^?&;\s'\"])(?={_NAME}*?"
     rf"(?:{'|'.join(_spelled(word, any_case=True) for word in _SECRET_WORDS)}))"
-    rf"({_NAME}++=)[^&#\s'\"\\]*+"
+    # The value runs on through the `\xNN` escapes of a repr (a control byte sent inside it).
+    rf"({_NAME}++=)(?:[^&#\s'\"\\]|\\x[0-9A-Fa-f]{{2}})*+"
 )
 # A JWT wherever it appears (an Authorization header quoted in a parser error, a body): a run
 # of base64url characters, dots and %XX escapes in which `eyJ` (a JSON header, `{"`) is
@@ -80,12 +81,16 @@ _JWT = re.compile(
     rf"(?<![A-Za-z0-9_.%-])(?>{_RUN}*?{_spelled('eyJ', any_case=False)})"
     rf"{_RUN}*?{_DOT}{_B64URL}++{_DOT}{_RUN}*+"
 )
+# And a plain JWT whatever precedes it (a stray `%` in a path); it starts a run of token
+# characters, so one attempt per run: linear time.
+_BARE_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*+\.[A-Za-z0-9_-]++\.[A-Za-z0-9_-]*+")
 REDACTED = "[redacted]"
 
 
 def redact(text: str) -> str:
     """Replace the value of any token-bearing query parameter, and anything shaped like a JWT."""
-    return _JWT.sub(REDACTED, _SECRET_PARAM.sub(rf"\1{REDACTED}", text))
+    text = _JWT.sub(REDACTED, _SECRET_PARAM.sub(rf"\1{REDACTED}", text))
+    return _BARE_JWT.sub(REDACTED, text)
 
 
 def _redact_all(value: Any) -> Any:

@@ -33,6 +33,9 @@ OFFSET_MAX = 2**62  # far past any real list; keeps the value inside Postgres' b
 ORDERINGS = ("id", "created_at", "updated_at", "title")
 READ_ONLY_FIELDS = frozenset({"id", "user", "created_at", "updated_at", "version"})
 USERNAME_RE = re.compile(r"^[\w.@+-]+\Z")
+# Letters to Unicode (so `\w` takes them) that print as nothing: `admin` and `admin` + one of
+# these would look the same. The other invisible characters are not `\w` already.
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
 BIGINT_MAX = 2**63 - 1
 CANONICAL_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
 # For the OpenAPI document: what the service writes, as JSON Schema (ECMA-262) patterns.
@@ -164,7 +167,7 @@ class Register(_Body):
     @field_validator("username")
     @classmethod
     def _username(cls, value: str) -> str:
-        if not USERNAME_RE.match(value):
+        if not USERNAME_RE.match(value) or INVISIBLE_LETTERS.intersection(value):
             raise ValueError(
                 "Enter a valid username. This value may contain only letters, numbers,"
                 " and @/./+/-/_ characters."

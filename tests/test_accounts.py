@@ -12,7 +12,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from taskd.app import create_app
-from tests.conftest import PASSWORD, ClientFactory, SettingsFactory, User, UserFactory
+from tests.conftest import (
+    PASSWORD,
+    ClientFactory,
+    SettingsFactory,
+    User,
+    UserFactory,
+    register_and_login,
+)
 
 Client = TestClient[web.Request, web.Application]
 
@@ -81,6 +88,8 @@ async def test_concurrent_registrations_of_one_name_make_one_account(client: Cli
         ({"username": "eve", "password": PASSWORD + "\u0000"}, "password", "Null characters"),
         ({"username": "eve", "password": PASSWORD, "email": "e\u0000@x.org"}, "email", "Null"),
         ({"username": "eve\ud800", "password": PASSWORD}, "username", "lone surrogate"),
+        ({"username": "eve\u3164", "password": PASSWORD}, "username", "valid username"),
+        ({"username": "\u115f", "password": PASSWORD}, "username", "valid username"),
         ({"username": "eve", "password": "\udc00" + PASSWORD}, "password", "lone surrogate"),
         ({"username": "eve", "password": PASSWORD, "email": "\ud800@x.org"}, "email", "surrogate"),
     ],
@@ -319,7 +328,7 @@ RACE_ROUNDS = 60  # the outside review saw the old code lose these races 3 to 5 
 @pytest.fixture
 async def racer(aiohttp_client: ClientFactory, make_settings: SettingsFactory) -> Client:
     """A client whose user `alice` may log in as often as the races need."""
-    settings = make_settings(throttle={"login_per_username": 10_000})
+    settings = make_settings(throttle={"login_per_username": 10_000, "refresh_per_user": 10_000})
     client = await aiohttp_client(create_app(settings))
     status, _, _ = await post(client, "/api/register/", {"username": "alice", "password": PASSWORD})
     assert status == 201
@@ -431,3 +440,19 @@ async def test_every_spelling_of_a_name_shares_one_throttle_bucket(
         client, "/api/login/", {"username": "t\u0130mo", "password": PASSWORD}
     )
     assert status == 401
+
+
+async def test_refreshes_are_throttled_per_user(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    """Each refresh stores a row until it expires: a login refreshing in a loop is slowed."""
+    client = await aiohttp_client(create_app(make_settings(throttle={"refresh_per_user": 3})))
+    user = await register_and_login(client, "looper")
+    token = user.refresh
+    for _ in range(3):
+        status, body, _ = await post(client, "/api/token/refresh/", {"refresh": token})
+        assert status == 200
+        token = body["refresh"]
+    status, body, headers = await post(client, "/api/token/refresh/", {"refresh": token})
+    assert (status, body["code"]) == (429, "throttled")
+    assert int(headers["Retry-After"]) >= 1

@@ -56,7 +56,7 @@ def assert_no_token(text: str) -> None:
         # The value ends where the request line or a quoted repr does.
         (
             f"b'GET /api/stream/?token={TOKEN}\\x7f HTTP/1.1\\r\\nHost: x'",
-            "b'GET /api/stream/?token=[redacted]\\x7f HTTP/1.1\\r\\nHost: x'",
+            "b'GET /api/stream/?token=[redacted] HTTP/1.1\\r\\nHost: x'",
         ),
         ("/s/?token=abc\x7f HTTP/1.1", "/s/?token=[redacted] HTTP/1.1"),
         ("/s/?token=#frag", "/s/?token=[redacted]#frag"),
@@ -234,3 +234,27 @@ def test_a_broken_log_call_is_reported_redacted(capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert "logging error in taskd.test.broken" in err
     assert TOKEN not in err
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # A control byte inside the token, as a repr writes it.
+        f"b'GET /api/stream/?token={TOKEN[:40]}\\x7f{TOKEN[40:]} HTTP/1.1'",
+        # A stray `%` right before a JWT, in a path or a value.
+        f"GET /api/x%{TOKEN} HTTP/1.1",
+        f"/api/stream/?q=%{TOKEN}",
+    ],
+)
+def test_redaction_holes_found_in_review(line: str) -> None:
+    redacted = redact(line)
+    assert TOKEN.split(".")[1] not in redacted
+    assert TOKEN.split(".")[2] not in redacted
+    assert "[redacted]" in redacted
+
+
+def test_bare_jwt_pattern_is_linear_on_hostile_runs() -> None:
+    for line in ("eyJ" * 300_000, "eyJ." * 200_000, "%eyJ" * 200_000):
+        started = time.perf_counter()
+        redact(line)
+        assert time.perf_counter() - started < 1.0

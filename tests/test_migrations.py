@@ -61,7 +61,10 @@ async def test_migration_003_carries_existing_rows_over(
                 (2, 1, 'task.deleted', 1, 2, now() - interval '2 minutes');
             """,
         )
-        assert await migrate_with(dsn, PROJECT / "sql") == ["003_hardening.sql"]
+        assert await migrate_with(dsn, PROJECT / "sql") == [
+            "003_hardening.sql",
+            "004_refresh_family_expiry.sql",
+        ]
 
         keys = rows(dsn, "SELECT id, username_key FROM users ORDER BY id")
         # The older of two names that fold alike keeps it; the newer cannot be typed.

@@ -120,7 +120,11 @@ SELECT %(jti)s, id, user_id, expires_at FROM family
 # concurrent revocation and re-checks after it, so rotation and revocation are serialised,
 # and a family revoked at any point never gains a live token.
 ROTATE_REFRESH = """
-WITH consumed AS (
+WITH expired AS (
+    DELETE FROM refresh_tokens
+    WHERE family = (SELECT family FROM refresh_tokens WHERE jti = %(jti)s)
+      AND expires_at < now()
+), consumed AS (
     UPDATE refresh_tokens SET used_at = now()
     WHERE jti = %(jti)s AND used_at IS NULL AND expires_at > now()
     RETURNING family

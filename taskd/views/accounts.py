@@ -93,7 +93,12 @@ async def login(request: web.Request) -> web.Response:
 
 async def _refresh_claims(request: web.Request) -> uuid.UUID:
     body = validate_body(RefreshIn, await read_json(request))
-    return request.app[keys.TOKENS].verify(body.refresh, "refresh").jti
+    claims = request.app[keys.TOKENS].verify(body.refresh, "refresh")
+    # Each refresh leaves a row (kept until it expires, so that a replay is recognised as
+    # theft): a login refreshing in a loop must not grow the table without bound.
+    limit = request.app[keys.SETTINGS].throttle.refresh_per_user
+    await request.app[keys.THROTTLE].hit("refresh-user", str(claims.user_id), limit)
+    return claims.jti
 
 
 async def refresh(request: web.Request) -> web.Response:

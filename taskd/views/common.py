@@ -23,7 +23,12 @@ ETAG_RE = re.compile(r'"([1-9][0-9]{0,9})"')
 
 async def read_json(request: web.Request) -> Any:
     """The parsed body; aiohttp raises 413 past `[http] max_body_bytes`."""
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except (web.RequestPayloadError, ConnectionResetError) as exc:
+        # A body that does not decode (a broken gzip stream) or a client that went away
+        # mid-body: the client's doing, answered 400 (if anyone still listens), not a 500.
+        raise ValidationFailed.one(NON_FIELD, "The request body could not be read.") from exc
     try:
         if len(raw) > OFF_LOOP_BYTES:
             return await asyncio.to_thread(json.loads, raw)

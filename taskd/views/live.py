@@ -29,6 +29,9 @@ PONG = json.dumps({"type": "pong"})
 WS_TRY_AGAIN = 1013
 WS_REAUTH = 4001
 SHUTDOWN_RETRY_MS = 250
+# The status counted for a stream whose client left before it started (nginx's "client closed
+# request"); nobody receives it, and a 500 would blame the service.
+CLIENT_GONE = 499
 
 
 def _ping_interval(settings: StreamSettings) -> float:
@@ -69,6 +72,9 @@ async def sse(request: web.Request) -> web.StreamResponse:
     )
     ping_interval = _ping_interval(settings)
     resp = EventSourceResponse(ping_interval=ping_interval, send_timeout=settings.send_timeout)
+    if request.transport is None:  # the client left while its feed opened
+        feed.close()
+        return web.Response(status=CLIENT_GONE)
     try:
         await resp.prepare(request)
         await resp.write(f"retry: {settings.retry_ms}\n\n".encode())
@@ -160,6 +166,8 @@ async def ws(request: web.Request) -> web.StreamResponse:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
         feed.close()
+    if not socket.prepared:  # the client left during the handshake
+        return web.Response(status=CLIENT_GONE)
     return socket
 
 
