@@ -66,6 +66,7 @@ async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
         app,
         access_log_class=AccessLogger,
         shutdown_timeout=http.shutdown_grace,
+        keepalive_timeout=http.keepalive_timeout,
         handle_signals=False,
     )
     await runner.setup()

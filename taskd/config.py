@@ -48,6 +48,7 @@ class HttpSettings(_Section):
     public_url: PublicUrl | None = None
     drain_seconds: float = Field(5.0, ge=0)
     shutdown_grace: float = Field(10.0, ge=0)
+    keepalive_timeout: float = Field(75.0, gt=0)
 
     @field_validator("public_url", mode="before")
     @classmethod

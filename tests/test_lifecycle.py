@@ -71,3 +71,20 @@ async def test_workers_share_one_port(settings: Settings, replicas: list[Replica
     replica.signal(signal.SIGTERM)
     assert replica.proc is not None
     assert await asyncio.wait_for(replica.proc.wait(), RECOVERY) == 0
+
+
+async def test_a_connection_without_a_request_is_closed(
+    settings: Settings, replicas: list[Replica]
+) -> None:
+    """Idle sockets and headers sent a byte at a time cannot hold a replica's descriptors."""
+    replica = Replica(settings, TASKD_HTTP_KEEPALIVE_TIMEOUT="1")
+    replicas.append(replica)
+    await replica.start()
+    idle = await asyncio.open_connection("127.0.0.1", replica.port)
+    dribble = await asyncio.open_connection("127.0.0.1", replica.port)
+    dribble[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    await dribble[1].drain()
+    for reader, writer in (idle, dribble):
+        async with asyncio.timeout(RECOVERY):
+            assert await reader.read() == b""  # the server closed it
+        writer.close()
