@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest nginx servers clean
+.PHONY: run test lint typecheck pytest nginx servers chromium clean
 
 # `taskd dev` imports devtools/ (never in the wheel) from this directory, the checkout.
 run: $(STAMP) servers
@@ -19,8 +19,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy taskd devtools
 
-pytest: $(STAMP) nginx servers
+pytest: $(STAMP) nginx servers chromium
 	$(BIN)/python -m pytest
+
+# tests/test_web.py drives Debian's chromium through Playwright (which never downloads one).
+chromium:
+	@sh scripts/ensure-chromium.sh
 
 # tests/test_nginx.py runs deploy/nginx.conf through the machine's nginx.
 nginx:

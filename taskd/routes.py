@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 from taskd import responses, schemas
-from taskd.views import accounts, live, ops, tasks
+from taskd.views import accounts, live, ops, tasks, web
 
 Schema = dict[str, Any]
 Model = type[BaseModel]
@@ -89,6 +89,7 @@ PATH_PARAMETERS = {
         "The task's id; anything that is not one of your tasks' ids is a 404.",
         required=True,
     ),
+    "asset": Param("asset", "path", {"enum": list(web.ASSETS)}, "A client file.", required=True),
 }
 LIST_PARAMETERS = (
     Param(
@@ -165,6 +166,12 @@ WEBSOCKET = Reply(
     ' `{"type": "ping"}`.',
     extension=("x-frames", (*MESSAGES, responses.Pong, responses.SocketError)),
 )
+# The web client: a page whose headers forbid inline script, and its files (`views.web`).
+PAGE = Reply("The web client.", schema=STRING, media="text/html")
+ASSET = {
+    200: Reply("The file (JavaScript, CSS or an image).", schema=STRING, media="*/*"),
+    404: Reply("No such file.", responses.ErrorDetail),
+}
 RETRY_WHILE_DRAINING: Schema = {
     "description": "While draining.",
     "schema": {"type": "integer", "minimum": 0},
@@ -383,5 +390,6 @@ ROUTES: tuple[Route, ...] = (
         {200: Reply("Prometheus text format.", schema=STRING, media="text/plain")},
         auth="public",
     ),
-    # `GET /` (the web client) joins the table when the route exists.
+    Route("GET", "/", web.page, "webClient", "The web client", "web", {200: PAGE}, auth="public"),
+    Route("GET", "/static/{asset}", web.asset, "webFile", "A file", "web", ASSET, auth="public"),
 )
