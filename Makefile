@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest nginx servers chromium clean
+.PHONY: run test lint typecheck pytest nginx servers bench bench-quick bench-tools chromium clean
 
 # `taskd dev` imports devtools/ (never in the wheel) from this directory, the checkout.
 run: $(STAMP) servers
@@ -13,14 +13,26 @@ run: $(STAMP) servers
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check taskd devtools tests
-	$(BIN)/ruff format --check taskd devtools tests
+	$(BIN)/ruff check taskd devtools tests bench
+	$(BIN)/ruff format --check taskd devtools tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy taskd devtools
+	$(BIN)/mypy taskd devtools bench
 
-pytest: $(STAMP) nginx servers chromium
+pytest: $(STAMP) nginx servers bench-tools chromium
 	$(BIN)/python -m pytest
+
+# The benchmark (bench/run.py): prints a table, writes bench/results.json and docs/bench.png.
+# Full: under 15 minutes on 2 cores; quick: smaller sizes, under 3 minutes.
+bench: $(STAMP) servers bench-tools
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP) servers bench-tools
+	$(BIN)/python -m bench.run --quick
+
+# wrk and pgbench, the bench's load generators (tests/test_bench.py runs it on tiny sizes).
+bench-tools:
+	@sh scripts/ensure-bench-tools.sh
 
 # tests/test_web.py drives Debian's chromium through Playwright (which never downloads one).
 chromium:

@@ -1,0 +1,1 @@
+"""The taskd benchmark (`make bench`, `make bench-quick`): see bench/run.py."""
