@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler, Middleware
 from taskd import keys
 from taskd.auth import PUBLIC, QUERY_TOKEN, auth_ctx, authenticate
 from taskd.config import Settings
+from taskd.cutoffs import cutoffs_ctx
 from taskd.db import pg_pool_ctx
 from taskd.errors import render_error
 from taskd.forwarded import client_view
@@ -73,7 +74,8 @@ def request_middleware(settings: Settings) -> Middleware:
         status = 500  # unless an answer comes (a cancelled request has none)
         try:
             try:
-                authenticate(request)
+                if (pending := authenticate(request)) is not None:
+                    await pending  # the cut-off cache could not vouch: Postgres decides
                 response = await handler(request)
             except web.HTTPException as exc:
                 if exc.status < 400:  # a redirect is an answer, which aiohttp sends
@@ -91,13 +93,15 @@ def request_middleware(settings: Settings) -> Middleware:
     return handle
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the service; tests build it exactly as production does."""
+def create_app(settings: Settings, processes: int = 1) -> web.Application:
+    """Build the service; tests build it exactly as production does. `processes`: how many
+    serving processes share this machine's CPUs (`taskd serve --workers`)."""
     app = web.Application(
         middlewares=[request_middleware(settings)],
         client_max_size=settings.http.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
+    app[keys.PROCESSES] = processes
     app[keys.LIFECYCLE] = Lifecycle()
     app[keys.KEYSPACE] = RedisKeys(settings.redis.namespace)
     app[keys.METRICS] = Metrics()
@@ -110,6 +114,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(throttle_ctx)
     app.cleanup_ctx.append(relay_ctx)
     app.cleanup_ctx.append(hub_ctx)
+    app.cleanup_ctx.append(cutoffs_ctx)
     app.on_shutdown.append(end_streams)
     add_routes(app)
     return app

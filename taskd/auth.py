@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -54,14 +55,14 @@ class Passwords:
     def __init__(
         self,
         executor: ThreadPoolExecutor,
-        threads: int,
+        parallel: int,
         rounds: int,
         max_wait: float,
         dummies: dict[int, bytes],
         seconds_per_hash: float,
     ) -> None:
         self._executor = executor
-        self._threads = threads
+        self._parallel = parallel  # hashes that truly run at once
         self._rounds = rounds
         self._max_wait = max_wait
         self._dummies = dummies  # one hash per cost up to the configured one
@@ -69,7 +70,9 @@ class Passwords:
         self._queued = 0.0  # admitted work not yet finished, in hashes at the configured cost
 
     @classmethod
-    async def start(cls, settings: AuthSettings, executor: ThreadPoolExecutor) -> Passwords:
+    async def start(
+        cls, settings: AuthSettings, executor: ThreadPoolExecutor, processes: int = 1
+    ) -> Passwords:
         """Make the dummy hashes now (every cost up to the configured one: together about
         the work of one more hash), so no login pays for them or races to."""
         secret = uuid.uuid4().hex.encode()
@@ -84,20 +87,22 @@ class Passwords:
             return dummies, time.perf_counter() - started
 
         dummies, seconds = await asyncio.get_running_loop().run_in_executor(executor, make)
-        return cls(
-            executor, settings.bcrypt_threads, rounds, settings.bcrypt_max_wait, dummies, seconds
-        )
+        # Hashes run in parallel only as far as the CPUs go, which the serving processes of
+        # this machine share: counting threads alone admitted twice the work that fits.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        parallel = max(1, min(settings.bcrypt_threads, (cpus or 1) // processes))
+        return cls(executor, parallel, rounds, settings.bcrypt_max_wait, dummies, seconds)
 
     @property
     def busy(self) -> float:
         """Seconds the admitted hashing work will take the pool to finish."""
-        return self._queued * self._seconds_per_hash / self._threads
+        return self._queued * self._seconds_per_hash / self._parallel
 
     async def _run(self, work: float, fn: Callable[[], R]) -> R:
         """Run `fn` (costing `work` hashes) in the pool, or 503 if it would wait too long."""
-        wait = (self._queued + work) * self._seconds_per_hash / self._threads
+        wait = (self._queued + work) * self._seconds_per_hash / self._parallel
         # A free thread always takes the work, however slow one hash is on this machine.
-        if self._queued + work > self._threads and wait > self._max_wait:
+        if self._queued + work > self._parallel and wait > self._max_wait:
             raise Unavailable("Too many logins right now.", retry_after=max(1, math.ceil(wait)))
         self._queued += work
 
@@ -154,6 +159,7 @@ class Claims:
     user_id: int
     jti: uuid.UUID
     exp: int
+    generation: int  # `gen`: the user's token generation when it was issued (absent: 0)
 
 
 class Tokens:
@@ -168,15 +174,21 @@ class Tokens:
     def ttl(self, kind: TokenType) -> int:
         return self._ttl[kind]
 
-    def issue(self, user_id: int, kind: TokenType, jti: uuid.UUID | None = None) -> str:
+    def issue(
+        self, user_id: int, kind: TokenType, jti: uuid.UUID | None = None, generation: int = 0
+    ) -> str:
+        """A signed token; an access token carries the user's token `generation` (`gen`),
+        which `cutoffs.Cutoffs` compares with the user's current one."""
         now = int(time.time())
-        claims = {
+        claims: dict[str, str | int] = {
             "sub": str(user_id),
             "type": kind,
             "jti": str(jti or uuid.uuid4()),
             "iat": now,
             "exp": now + self._ttl[kind],
         }
+        if kind == "access":
+            claims["gen"] = generation
         return jwt.encode(claims, self._key, algorithm=self._algorithm)
 
     def verify(self, token: str, kind: TokenType) -> Claims:
@@ -208,15 +220,19 @@ class Tokens:
             )
             if claims["type"] != kind:
                 raise TokenInvalid(f"Token has wrong type: {kind} token required.")
-            sub, exp = claims["sub"], claims["exp"]
+            sub, exp, generation = claims["sub"], claims["exp"], claims.get("gen", 0)
             user_id = canonical_id(sub) if isinstance(sub, str) else None
-            if user_id is None or not isinstance(exp, int):
+            if user_id is None or not isinstance(exp, int) or not _is_count(generation):
                 raise TokenInvalid()
-            return Claims(user_id, uuid.UUID(str(claims["jti"])), exp)
+            return Claims(user_id, uuid.UUID(str(claims["jti"])), exp, generation)
         except jwt.ExpiredSignatureError:
             raise TokenInvalid("Token is expired.") from None
         except (jwt.InvalidTokenError, ValueError, TypeError):
             raise TokenInvalid() from None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def bearer_token(request: web.Request, allow_query: bool) -> str:
@@ -232,9 +248,14 @@ def bearer_token(request: web.Request, allow_query: bool) -> str:
     raise NotAuthenticated()
 
 
-def authenticate(request: web.Request) -> None:
+def authenticate(request: web.Request) -> Awaitable[None] | None:
     """Every matched route needs an access token unless its handler is marked `PUBLIC`:
-    the caller's id and the token's expiry go into the request; `ApiError` otherwise."""
+    the caller's id and the token's expiry go into the request; `ApiError` otherwise.
+
+    The token must also be of its user's current generation (logins not ended since): known
+    at once from the per-process cache, or else an awaitable that reads it (await it).
+    Remembered tokens are checked too: the check comes after `verify`, whatever it recalls.
+    """
     match = request.match_info
     if match.http_exception is None:
         target = match.handler
@@ -243,6 +264,9 @@ def authenticate(request: web.Request) -> None:
             claims = request.app[keys.TOKENS].verify(token, "access")
             request[keys.USER_ID] = claims.user_id
             request[keys.TOKEN_EXPIRES] = claims.exp
+            request[keys.TOKEN_GENERATION] = claims.generation
+            return request.app[keys.CUTOFFS].check(claims.user_id, claims.generation)
+    return None
 
 
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -251,7 +275,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     executor = ThreadPoolExecutor(settings.bcrypt_threads, thread_name_prefix="bcrypt")
     app[keys.TOKENS] = Tokens(settings)
     try:
-        app[keys.PASSWORDS] = await Passwords.start(settings, executor)
+        app[keys.PASSWORDS] = await Passwords.start(settings, executor, app[keys.PROCESSES])
         yield
     finally:
         executor.shutdown(wait=True, cancel_futures=True)

@@ -21,7 +21,12 @@ from taskd.app import create_app
 from taskd.config import ConfigError, Settings, check_secret, load_settings
 from taskd.db import migrate_dsn
 from taskd.logs import AccessLogger, setup_logging
-from taskd.server import Runner, freeze_start_up_objects, raise_open_file_limit
+from taskd.server import (
+    GcSchedule,
+    Runner,
+    raise_open_file_limit,
+    watch_gc_pauses,
+)
 from taskd.streams import REDIS_DOWN, forget_namespace
 
 log = logging.getLogger(__name__)
@@ -41,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)"
     )
-    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    # Set by `--workers N` on each of its N processes: they share the port and the CPUs.
+    serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     sub.add_parser("migrate", parents=[config], help="apply the schema files in sql/")
     sub.add_parser(
         "dev",
@@ -58,9 +64,10 @@ def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
     return settings.model_copy(update={"http": http})
 
 
-async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
+async def _serve_until_stopped(settings: Settings, worker_of: int | None) -> None:
     """Serve until SIGTERM (graceful: drain, stop accepting, end streams, finish) or SIGINT."""
-    app = create_app(settings)
+    app = create_app(settings, processes=worker_of or 1)
+    reuse_port = worker_of is not None
     http = settings.http
     runner = Runner(
         app,
@@ -70,10 +77,12 @@ async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
         handle_signals=False,
     )
     await runner.setup()
+    gc_schedule = GcSchedule()
     try:
         site = web.TCPSite(runner, http.host, http.port, reuse_port=reuse_port or None)
         await site.start()
-        freeze_start_up_objects()
+        gc_schedule.start()
+        watch_gc_pauses()
         print(f"taskd is serving at http://{http.host}:{http.port}/ (Ctrl-C stops it)", flush=True)
         loop = asyncio.get_running_loop()
         received: asyncio.Future[signal.Signals] = loop.create_future()
@@ -94,21 +103,22 @@ async def _serve_until_stopped(settings: Settings, reuse_port: bool) -> None:
         # Stops accepting, ends live streams (on_shutdown), lets in-flight requests finish
         # within shutdown_grace, then releases resources (and relay leadership).
         await runner.cleanup()
+        await gc_schedule.stop()
     log.info("taskd stopped")
 
 
-def _serve(settings: Settings, workers: int = 1, reuse_port: bool = False) -> None:
+def _serve(settings: Settings, workers: int = 1, worker_of: int | None = None) -> None:
     raise_open_file_limit()
     if workers > 1:
         _supervise(workers)
     else:
         # uvloop: the event loop in C (libuv); a request's socket and loop overhead halves.
-        uvloop.run(_serve_until_stopped(settings, reuse_port))
+        uvloop.run(_serve_until_stopped(settings, worker_of))
 
 
 def _supervise(workers: int) -> None:
     """Run N `serve` processes on one port (SO_REUSEPORT); forward signals; exit when all do."""
-    argv = [sys.executable, "-m", "taskd", *_worker_argv(sys.argv[1:])]
+    argv = [sys.executable, "-m", "taskd", *_worker_argv(sys.argv[1:], workers)]
     children = [subprocess.Popen(argv) for _ in range(workers)]
 
     def forward(sig: int, _frame: object) -> None:
@@ -123,8 +133,8 @@ def _supervise(workers: int) -> None:
         raise SystemExit(max(codes))
 
 
-def _worker_argv(args: list[str]) -> list[str]:
-    """This command line for one worker: `--workers N` becomes `--reuse-port`."""
+def _worker_argv(args: list[str], workers: int) -> list[str]:
+    """This command line for one worker: `--workers N` becomes `--worker-of N`."""
     out, skip = [], False
     for arg in args:
         if skip:
@@ -136,7 +146,7 @@ def _worker_argv(args: list[str]) -> list[str]:
         if arg.startswith("--workers="):
             continue
         out.append(arg)
-    return [*out, "--reuse-port"]
+    return [*out, "--worker-of", str(workers)]
 
 
 DEV_NEEDS_CHECKOUT = (
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log)
         if args.command == "serve":
             check_secret(settings)
-            _serve(settings, args.workers, args.reuse_port)
+            _serve(settings, args.workers, args.worker_of)
         elif args.command == "migrate":
             applied = asyncio.run(_migrate(settings))
             print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")

@@ -104,6 +104,9 @@ class AuthSettings(_Section):
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     bcrypt_threads: int = Field(2, ge=1)
     bcrypt_max_wait: float = Field(2.0, gt=0)
+    cutoff_cache_size: int = Field(100_000, ge=1)
+    cutoff_max_age: float = Field(60.0, gt=0)
+    cutoff_recheck: float = Field(1.0, gt=0)
 
 
 class ThrottleSettings(_Section):
@@ -112,6 +115,7 @@ class ThrottleSettings(_Section):
     login_per_username: int = Field(10, ge=1)
     register_per_address: int = Field(10, ge=1)
     refresh_per_user: int = Field(60, ge=1)
+    password_per_user: int = Field(10, ge=1)
     local_max_keys: int = Field(100_000, ge=1)
 
 

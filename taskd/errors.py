@@ -76,6 +76,13 @@ class TokenInvalid(NotAuthenticated):
         super().__init__(detail, error="invalid_token")
 
 
+class LoginEnded(TokenInvalid):
+    """An access token issued before every login of its user ended (or the account went)."""
+
+    def __init__(self) -> None:
+        super().__init__("Token is no longer valid: this login has ended.")
+
+
 class LoginFailed(NotAuthenticated):
     code = "no_active_account"
     detail = "No active account found with the given credentials."
@@ -97,6 +104,18 @@ class PreconditionFailed(ApiError):
     status = 412
     code = "precondition_failed"
     detail = "The task has changed: its version does not match If-Match."
+
+
+class IdempotencyConflict(ApiError):
+    status = 409
+    code = "conflict"
+    detail = "A request with this Idempotency-Key is still being processed; retry shortly."
+
+
+class IdempotencyKeyReused(ApiError):
+    status = 422
+    code = "idempotency_key_reused"
+    detail = "This Idempotency-Key was used for another request (method, path or body)."
 
 
 class Throttled(ApiError):

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from taskd import db, keys, store
 from taskd.config import StreamSettings
-from taskd.hub import Hub, Subscription
+from taskd.hub import Closed, Hub, Subscription
 from taskd.models import StreamState
 from taskd.streams import StreamEvent, StreamReader, event_id, parse_event_id
 
@@ -126,6 +126,8 @@ class Feed:
     async def next(self, wait: float) -> Item | None:
         """The next item for the client; None when nothing was ready within `wait` seconds
         (one deadline: repeats and out-of-order events do not extend it)."""
+        if self._sub.closed:  # ended (its logins, say): not after the rest of a catch-up
+            raise Closed(self._sub.closed)
         deadline = asyncio.get_running_loop().time() + wait
         while not self._ready:
             if self._need_fill:

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # Seconds a client over `stream.max_per_user` is asked to wait: connections of a user that
 # went away (a closed tab) are noticed by the second ping that fails, within two intervals.
 BUSY_RETRY_AFTER = 5
+# Why a subscription was ended when its user's logins ended (`cutoffs`): the client is told
+# `reauth` (WebSocket: close 4001), and its reconnect with the old token is refused.
+LOGIN_ENDED = "reauth"
 # The hub retries a lost Redis at least this often: a stream opened meanwhile waits for it
 # (`stream.reconnect_wait`), so the retry must come sooner than that wait runs out.
 HUB_MAX_BACKOFF = 0.5
@@ -162,6 +165,15 @@ class Hub:
         for subs in self._subscribers.values():
             for sub in subs:
                 sub.close(reason)
+
+    def end_logins_of(self, user_id: int) -> None:
+        """End the user's live connections here: their logins ended (`LOGIN_ENDED`)."""
+        for sub in self._subscribers.get(user_id, ()):
+            sub.close(LOGIN_ENDED)
+
+    def streaming_users(self) -> list[int]:
+        """The users with a live connection on this replica."""
+        return list(self._subscribers)
 
     def _client(self) -> Redis:
         # A dedicated connection with no socket timeout: one shorter than the BLOCK time raises

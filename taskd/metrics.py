@@ -101,7 +101,8 @@ async def _refresh(app: web.Application, metrics: Metrics) -> None:
     metrics.live.labels("sse").set(hub.subscriber_count_of("sse"))
     metrics.live.labels("ws").set(hub.subscriber_count_of("ws"))
     pooled = sum(count for count, _ in app[keys.REDIS].connection_pool.get_connection_count())
-    metrics.redis_connections.set(pooled + (1 if hub.connected else 0))
+    own = (1 if hub.connected else 0) + (1 if app[keys.CUTOFFS].subscribed else 0)
+    metrics.redis_connections.set(pooled + own)  # the pool, the hub's, the cut-offs' one
     try:
         async with db.cursor(app[keys.PG_POOL]) as cur:
             backlog = await store.outbox_backlog(cur)

@@ -28,7 +28,17 @@ class User:
 @dataclass(frozen=True, slots=True)
 class Credentials:
     user_id: int
+    username: str
     password_hash: bytes
+    token_generation: int  # access tokens of an older generation are refused
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """Who a rotated refresh token belongs to, and the generation its access token gets."""
+
+    user_id: int
+    token_generation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,34 @@ class OutboxEvent:
 class StreamState:
     committed: int  # the user's newest committed event number
     pending_from: int | None  # the oldest event still waiting in the outbox, if any
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedRequest:
+    """A task write sent with an Idempotency-Key: the key, scoped to its user, and what the
+    request was (a digest of its method, path and body)."""
+
+    user_id: int
+    key: str
+    fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A write's answer as recorded for its Idempotency-Key, to be replayed as it was."""
+
+    status: int
+    body: str | None  # JSON text; None for a 204
+    etag: str | None
+    location: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a write answered, and whether it changed anything (an event to announce)."""
+
+    answer: Answer
+    changed: bool
 
 
 @dataclass(frozen=True, slots=True)

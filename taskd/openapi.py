@@ -54,6 +54,17 @@ HEADERS: dict[str, Schema] = {
         "required": True,
         "schema": {"type": "string", "const": "no-store"},
     },
+    "ListETag": {
+        "description": "A weak tag of the page: the stream position it reflects and a digest of"
+        " the query (send it back in `If-None-Match` for a 304 while nothing changed).",
+        "required": True,
+        "schema": {"type": "string", "pattern": '^W/"[0-9]+-[0-9a-f]{16}"$'},
+    },
+    "IdempotencyReplayed": {
+        "description": "This is the recorded answer to an earlier request with the same"
+        " `Idempotency-Key`; nothing was written.",
+        "schema": {"type": "string", "const": "true"},
+    },
     "StreamPosition": {
         "description": "This user's newest event id as of the list's snapshot (`0-0` if none):"
         " subscribe with it as Last-Event-ID to get every later change.",
@@ -97,11 +108,19 @@ ERRORS: dict[int, tuple[str, Reply]] = {
             headers={"Allow": "Allow"},
         ),
     ),
+    409: (
+        "Conflict",
+        Reply("A request with this `Idempotency-Key` is still running.", ErrorDetail),
+    ),
     412: (
         "PreconditionFailed",
         Reply("`If-Match` does not name the current version.", ErrorDetail),
     ),
     413: ("TooLarge", Reply("The body is over the configured limit (1 MiB).", ErrorDetail)),
+    422: (
+        "IdempotencyKeyReused",
+        Reply("This `Idempotency-Key` was used for another method, path or body.", ErrorDetail),
+    ),
     429: ("Throttled", Reply("Too many attempts.", ErrorDetail, headers=RETRY_AFTER)),
     503: (
         "Unavailable",

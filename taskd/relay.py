@@ -203,9 +203,21 @@ class Relay:
         # A renumbered user's rows stay: they go out under their new numbers next sweep.
         skip = failed | diverged
         done = [(row.user_id, row.seq) for row in rows if row.user_id not in skip]
-        await store.delete_outbox(cur, done)
+        gone = await store.delete_outbox(cur, done)
         self.published += len(done)
+        if gone:
+            await self._forget_streams(gone)
         return len(rows)
+
+    async def _forget_streams(self, user_ids: list[int]) -> None:
+        """Delete the streams of deleted accounts that this batch wrote to after the deletion
+        had removed them (an id is never reused: this is about memory, not correctness)."""
+        try:
+            await self._redis.delete(*(self._keys.events(user_id) for user_id in user_ids))
+        except REDIS_DOWN as exc:
+            log.warning(
+                "relay: could not delete the streams of deleted users %s: %s", user_ids, exc
+            )
 
     async def _publish(self, events: list[StreamEvent]) -> list[Any]:
         """XADD each event to its user's stream and to the firehose, in one MULTI/EXEC;

@@ -229,6 +229,26 @@ class RefreshIn(_Body):
     refresh: Annotated[str, StringConstraints(min_length=1)]
 
 
+NewPassword = Annotated[str, SchemaHint(minLength=PASSWORD_MIN, description="As at registration.")]
+
+
+class PasswordChange(_Body):
+    old_password: Annotated[str, StringConstraints(min_length=1)]
+    new_password: NewPassword
+
+
+class AccountDeletion(_Body):
+    password: Annotated[str, StringConstraints(min_length=1)]
+
+
+def validate_password_change(data: object, username: str) -> PasswordChange:
+    """The body of `POST /api/password/`: the new password follows registration's rules."""
+    body = validate_body(PasswordChange, data)
+    if problems := password_problems(body.new_password, username):
+        raise ValidationFailed({"new_password": problems})
+    return body
+
+
 def _message(err: ErrorDetails) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     field = str(err["loc"][0]) if err["loc"] else NON_FIELD

@@ -50,6 +50,10 @@ class RedisKeys:
         """Pub/Sub channel that wakes the relay after a commit."""
         return f"{self.namespace}:doorbell"
 
+    def cutoffs(self) -> str:
+        """Pub/Sub channel announcing `<user>:<generation>`: that user's older logins ended."""
+        return f"{self.namespace}:cutoffs"
+
     def pattern(self) -> str:
         """Every key of this namespace (for tests and tooling)."""
         return f"{self.namespace}:*"

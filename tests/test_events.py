@@ -397,7 +397,9 @@ async def test_redis_connections_do_not_grow_with_clients(
             prefix = f"taskd:{settings.redis.namespace}"
             ours = [c["name"] for c in clients if c.get("name", "").startswith(prefix)]
             assert f"{prefix}:hub" in ours  # the count below is of this app's connections
-            assert len(ours) <= settings.redis.max_connections + 1  # the pool and the hub's
+            assert f"{prefix}:cutoffs" in ours
+            # The pool, the hub's and the cut-off subscription's.
+            assert len(ours) <= settings.redis.max_connections + 2
             # And the streams are live.
             await users[-1].create_task("still live")
             (event,) = await SseStream(responses[-1]).take(1)

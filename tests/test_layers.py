@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "streams": 2,
     # the pipeline and the request layer
     "auth": 3,
+    "cutoffs": 3,
     "throttle": 3,
     "relay": 3,
     "hub": 3,

@@ -64,6 +64,7 @@ async def test_migration_003_carries_existing_rows_over(
         assert await migrate_with(dsn, PROJECT / "sql") == [
             "003_hardening.sql",
             "004_refresh_family_expiry.sql",
+            "005_account_lifecycle.sql",
         ]
 
         keys = rows(dsn, "SELECT id, username_key FROM users ORDER BY id")
@@ -90,5 +91,7 @@ async def test_migration_003_carries_existing_rows_over(
             " WHERE table_name = 'users' AND column_name = 'username_key'",
         )
         assert nullable == [("NO",)]
+        # 005: every existing login keeps working (tokens without `gen` are generation 0).
+        assert rows(dsn, "SELECT DISTINCT token_generation FROM users") == [(0,)]
     finally:
         admin_execute(base, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -21,6 +21,9 @@ from tests.conftest import User
 
 # Streams never end, /metrics and the web page are not JSON: the fuzz covers the REST routes.
 NOT_FUZZED = r"^/(api/stream/|api/ws/|metrics$|$)"
+# Ends every login of its caller: fuzzed last, with a token of its own, so that the other
+# operations are not all answered 401.
+ENDS_LOGINS = r"^/api/logout/all/$"
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",
@@ -89,24 +92,32 @@ def _fuzz_operation(
     return None
 
 
-def _fuzz(base_url: str, token: str) -> list[str]:
-    """Every REST operation of the served document, valid and invalid input; the failures."""
+def _fuzz(base_url: str, token: str, last_token: str) -> list[str]:
+    """Every REST operation of the served document, valid and invalid input; the failures.
+    The one that ends its caller's logins comes last, with `last_token`."""
     schema = schemathesis.openapi.from_url(f"{base_url}/api/openapi.json", timeout=10)
+    rest = schema.exclude(path_regex=NOT_FUZZED).exclude(path_regex=ENDS_LOGINS)
+    last = schema.include(path_regex=ENDS_LOGINS)
     failures = []
-    for result in schema.exclude(path_regex=NOT_FUZZED).get_all_operations():
-        operation = result.ok()
-        for mode in MODES:
-            if failure := _fuzz_operation(operation, mode, base_url, token):
-                failures.append(failure)
+    for operations, bearer in ((rest, token), (last, last_token)):
+        for result in operations.get_all_operations():
+            operation = result.ok()
+            for mode in MODES:
+                if failure := _fuzz_operation(operation, mode, base_url, bearer):
+                    failures.append(failure)
     return failures
 
 
 async def test_service_conforms_to_its_document(
-    client: TestClient[web.Request, web.Application], alice: User
+    client: TestClient[web.Request, web.Application], alice: User, bob: User
 ) -> None:
     for n in range(3):  # ids the fuzz can hit, so the 200 paths are exercised too
         await alice.create_task(f"seed {n}")
     base_url = str(client.make_url("")).rstrip("/")
     # schemathesis calls with `requests`: off the loop that runs the server.
-    failures = await asyncio.wait_for(asyncio.to_thread(_fuzz, base_url, alice.access), 60)
+    fuzz = asyncio.to_thread(_fuzz, base_url, alice.access, bob.access)
+    failures = await asyncio.wait_for(fuzz, 90)
     assert not failures, "\n\n".join(failures)
+    # The fuzz ran with a live login: it did not end itself on the way.
+    status, _, _ = await alice.call("GET", "/api/me/")
+    assert status == 200

@@ -83,6 +83,8 @@ async def live_case(
         },
         "rss_per_connection_kib": round((rss_open - rss_before) / 1024 / connections, 2),
         "redis_connections": {"idle": redis_idle, "open": redis_open, "after": redis_after},
+        # What the server logged about itself meanwhile (gc pauses, warnings): stalls explained.
+        "server_warnings": [line.strip() for line in server.output if "WARNING" in line][-20:],
     }
 
 

@@ -7,7 +7,7 @@ import uuid
 import psycopg2
 from psycopg2 import errorcodes
 
-from taskd.models import Credentials, User, canonical_username
+from taskd.models import Credentials, TokenGrant, User, canonical_username
 from taskd.store.cursor import Cursor
 
 
@@ -23,7 +23,9 @@ RETURNING id, username, email
 """
 USERNAME_EXISTS = "SELECT 1 FROM users WHERE username_key = %s"
 GET_USER = "SELECT id, username, email FROM users WHERE id = %s"
-GET_CREDENTIALS = "SELECT id, password_hash FROM users WHERE username_key = %s"
+_CREDENTIALS = "SELECT id, username, password_hash, token_generation FROM users"
+GET_CREDENTIALS = f"{_CREDENTIALS} WHERE username_key = %s"
+GET_CREDENTIALS_BY_ID = f"{_CREDENTIALS} WHERE id = %s"
 # Only over the hash that was checked: a concurrent change of it wins.
 UPDATE_PASSWORD_HASH = "UPDATE users SET password_hash = %s WHERE id = %s AND password_hash = %s"
 
@@ -51,10 +53,18 @@ async def get_user(cur: Cursor, user_id: int) -> User | None:
     return User(*row) if row else None
 
 
+def _credentials(row: tuple[int, str, str, int] | None) -> Credentials | None:
+    return Credentials(row[0], row[1], row[2].encode(), int(row[3])) if row else None
+
+
 async def get_credentials(cur: Cursor, username: str) -> Credentials | None:
     await cur.execute(GET_CREDENTIALS, (canonical_username(username),))
-    row = await cur.fetchone()
-    return Credentials(row[0], row[1].encode()) if row else None
+    return _credentials(await cur.fetchone())
+
+
+async def get_credentials_by_id(cur: Cursor, user_id: int) -> Credentials | None:
+    await cur.execute(GET_CREDENTIALS_BY_ID, (user_id,))
+    return _credentials(await cur.fetchone())
 
 
 async def update_password_hash(cur: Cursor, credentials: Credentials, new_hash: bytes) -> None:
@@ -100,19 +110,27 @@ async def backfill_username_keys(cur: Cursor) -> list[int]:
 # --- refresh tokens --------------------------------------------------------------------------
 
 # A login also forgets the user's expired families and tokens, so the tables stay the size of
-# the live logins (an expired token is refused by its `exp` before any lookup).
+# the live logins (an expired token is refused by its `exp` before any lookup). Its family is
+# created only while the user's token generation is the one read with the password that was
+# checked: FOR SHARE waits for a password change or "log out everywhere" under way on that
+# row and then sees its new generation, so no login it ended can slip a family in after it.
 INSERT_REFRESH = """
-WITH expired_families AS (
+WITH live_user AS (
+    SELECT id FROM users
+    WHERE id = %(user_id)s AND token_generation = %(generation)s
+    FOR SHARE
+), expired_families AS (
     DELETE FROM refresh_families WHERE user_id = %(user_id)s AND expires_at < now()
 ), expired_tokens AS (
     DELETE FROM refresh_tokens WHERE user_id = %(user_id)s AND expires_at < now()
 ), family AS (
     INSERT INTO refresh_families (id, user_id, expires_at)
-    VALUES (%(family)s, %(user_id)s, now() + make_interval(secs => %(ttl)s))
+    SELECT %(family)s, id, now() + make_interval(secs => %(ttl)s) FROM live_user
     RETURNING id, user_id, expires_at
 )
 INSERT INTO refresh_tokens (jti, family, user_id, expires_at)
 SELECT %(jti)s, id, user_id, expires_at FROM family
+RETURNING jti
 """
 # Consume the presented token and issue its successor in one statement. Of two concurrent
 # refreshes with one token exactly one finds `used_at IS NULL`. The successor is issued only
@@ -133,10 +151,12 @@ WITH expired AS (
     FROM consumed c
     WHERE f.id = c.family AND f.revoked_at IS NULL
     RETURNING f.id, f.user_id
+), issued AS (
+    INSERT INTO refresh_tokens (jti, family, user_id, expires_at)
+    SELECT %(new_jti)s, id, user_id, now() + make_interval(secs => %(ttl)s) FROM family
+    RETURNING user_id
 )
-INSERT INTO refresh_tokens (jti, family, user_id, expires_at)
-SELECT %(new_jti)s, id, user_id, now() + make_interval(secs => %(ttl)s) FROM family
-RETURNING user_id
+SELECT i.user_id, u.token_generation FROM issued i JOIN users u ON u.id = i.user_id
 """
 # A consumed token presented again is taken as theft: the whole family goes.
 REVOKE_FAMILY_IF_REUSED = """
@@ -154,13 +174,25 @@ RETURNING f.id
 """
 
 
-async def insert_refresh(cur: Cursor, jti: uuid.UUID, user_id: int, ttl: int) -> None:
-    """Record a new login's refresh token, the first of a new family."""
-    params = {"jti": str(jti), "family": str(uuid.uuid4()), "user_id": user_id, "ttl": ttl}
+async def insert_refresh(
+    cur: Cursor, jti: uuid.UUID, user_id: int, ttl: int, generation: int
+) -> bool:
+    """Record a new login's refresh token, the first of a new family; False when the user's
+    logins ended (or the account went) since `generation` was read."""
+    params = {
+        "jti": str(jti),
+        "family": str(uuid.uuid4()),
+        "user_id": user_id,
+        "ttl": ttl,
+        "generation": generation,
+    }
     await cur.execute(INSERT_REFRESH, params)
+    return bool(await cur.fetchall())
 
 
-async def rotate_refresh(cur: Cursor, jti: uuid.UUID, new_jti: uuid.UUID, ttl: int) -> int | None:
+async def rotate_refresh(
+    cur: Cursor, jti: uuid.UUID, new_jti: uuid.UUID, ttl: int
+) -> TokenGrant | None:
     """Consume `jti`, recording `new_jti` in its family; None if it was not live.
 
     A token presented after it was consumed revokes its whole family.
@@ -169,7 +201,7 @@ async def rotate_refresh(cur: Cursor, jti: uuid.UUID, new_jti: uuid.UUID, ttl: i
     await cur.execute(ROTATE_REFRESH, params)
     row = await cur.fetchone()
     if row:
-        return int(row[0])
+        return TokenGrant(int(row[0]), int(row[1]))
     await cur.execute(REVOKE_FAMILY_IF_REUSED, (str(jti),))
     return None
 
@@ -181,3 +213,86 @@ async def revoke_family(cur: Cursor, jti: uuid.UUID) -> bool:
         return True
     await cur.execute(REVOKE_FAMILY_IF_REUSED, (str(jti),))
     return False
+
+
+# --- ending every login of a user, deleting the account --------------------------------------
+
+# Two statements, in this order: the UPDATE of the user's row waits for a login's FOR SHARE
+# (INSERT_REFRESH) and the revocation that follows takes a snapshot after it, so a family that
+# login created is revoked too; a login that comes later sees the new generation and makes none.
+BUMP_GENERATION = """
+UPDATE users SET token_generation = token_generation + 1,
+                 password_hash = coalesce(%(new_hash)s, password_hash)
+WHERE id = %(user_id)s AND (%(checked)s::text IS NULL OR password_hash = %(checked)s)
+RETURNING token_generation
+"""
+REVOKE_USER_FAMILIES = (
+    "UPDATE refresh_families SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL"
+)
+TOKEN_GENERATION = "SELECT token_generation FROM users WHERE id = %s"
+TOKEN_GENERATIONS = "SELECT id, token_generation FROM users WHERE id = ANY(%s::bigint[])"
+# The user's row first: a task write under way holds it (and then finds no user), and the
+# outbox rows of writes committed before are all visible to the second statement.
+DELETE_USER = "DELETE FROM users WHERE id = %s AND password_hash = %s RETURNING id"
+DELETE_USER_OUTBOX = "DELETE FROM outbox WHERE user_id = %s"
+
+
+async def _end_logins(
+    cur: Cursor, user_id: int, checked: bytes | None = None, new_hash: bytes | None = None
+) -> int | None:
+    """Raise the user's token generation and revoke every refresh family; with `new_hash`,
+    set the password too, only while the stored hash is still `checked`. The new generation,
+    or None (no such user, or the hash changed)."""
+    params = {
+        "user_id": user_id,
+        "checked": checked.decode() if checked is not None else None,
+        "new_hash": new_hash.decode() if new_hash is not None else None,
+    }
+    await cur.execute(BUMP_GENERATION, params)
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    await cur.execute(REVOKE_USER_FAMILIES, (user_id,))
+    return int(row[0])
+
+
+async def end_logins(cur: Cursor, user_id: int) -> int | None:
+    """Log out everywhere: the user's new token generation, or None if the user is gone."""
+    async with cur.begin():
+        return await _end_logins(cur, user_id)
+
+
+async def change_password(
+    cur: Cursor, user_id: int, checked: bytes, new_hash: bytes, jti: uuid.UUID, ttl: int
+) -> int | None:
+    """Set a new password while the stored hash is still `checked`, ending every login of
+    the user; `jti` starts the caller's new login. The new generation, or None."""
+    async with cur.begin():
+        generation = await _end_logins(cur, user_id, checked, new_hash)
+        if generation is not None:
+            await insert_refresh(cur, jti, user_id, ttl, generation)
+        return generation
+
+
+async def token_generation(cur: Cursor, user_id: int) -> int | None:
+    """The user's current token generation; None when the account is gone."""
+    await cur.execute(TOKEN_GENERATION, (user_id,))
+    row = await cur.fetchone()
+    return int(row[0]) if row else None
+
+
+async def token_generations(cur: Cursor, user_ids: list[int]) -> dict[int, int]:
+    """The current token generation of each of these users that still exists."""
+    await cur.execute(TOKEN_GENERATIONS, (user_ids,))
+    return {int(user_id): int(generation) for user_id, generation in await cur.fetchall()}
+
+
+async def delete_user(cur: Cursor, user_id: int, checked: bytes) -> bool:
+    """Delete the account (its tasks, refresh tokens and Idempotency-Key records go with it,
+    by foreign key) and its unpublished events, while its hash is still `checked`."""
+    async with cur.begin():
+        await cur.execute(DELETE_USER, (user_id, checked.decode()))
+        if await cur.fetchone() is None:
+            return False
+        await cur.execute(DELETE_USER_OUTBOX, (user_id,))
+    return True

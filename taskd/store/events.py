@@ -16,9 +16,16 @@ FETCH_OUTBOX = """
 SELECT user_id, seq, kind, task_id, version, title, description, done, created_at, updated_at, at
 FROM outbox WHERE NOT (user_id = ANY(%s::bigint[])) ORDER BY id LIMIT %s
 """
+# ... and name the users among them whose account is gone: deleted while the relay published
+# their last events, which created their stream again (the relay deletes it).
 DELETE_OUTBOX = """
-DELETE FROM outbox o USING unnest(%s::bigint[], %s::bigint[]) AS d(user_id, seq)
-WHERE o.user_id = d.user_id AND o.seq = d.seq
+WITH published AS (
+    DELETE FROM outbox o
+    USING unnest(%(users)s::bigint[], %(seqs)s::bigint[]) AS d(user_id, seq)
+    WHERE o.user_id = d.user_id AND o.seq = d.seq
+)
+SELECT DISTINCT d.user_id FROM unnest(%(users)s::bigint[]) AS d(user_id)
+WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = d.user_id)
 """
 STREAM_STATE = """
 SELECT u.event_seq, (SELECT min(seq) FROM outbox o WHERE o.user_id = u.id)
@@ -52,10 +59,11 @@ async def fetch_outbox(cur: Cursor, limit: int, skip_users: list[int]) -> list[O
     return events
 
 
-async def delete_outbox(cur: Cursor, published: list[tuple[int, int]]) -> None:
-    """Forget published events, by (user_id, seq)."""
+async def delete_outbox(cur: Cursor, published: list[tuple[int, int]]) -> list[int]:
+    """Forget published events, by (user_id, seq); return the users of them that are gone."""
     users, seqs = [p[0] for p in published], [p[1] for p in published]
-    await cur.execute(DELETE_OUTBOX, (users, seqs))
+    await cur.execute(DELETE_OUTBOX, {"users": users, "seqs": seqs})
+    return [int(row[0]) for row in await cur.fetchall()]
 
 
 LEADER_LOCK = 7_243_002  # advisory lock key: one relay leader per database

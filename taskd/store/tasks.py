@@ -61,6 +61,16 @@ LIST_TASKS = {
 }
 
 
+STREAM_POSITION = "SELECT event_seq FROM users WHERE id = %s"
+
+
+async def stream_position(cur: Cursor, user_id: int) -> int | None:
+    """The user's newest event number (one primary-key read); None when the user is gone."""
+    await cur.execute(STREAM_POSITION, (user_id,))
+    row = await cur.fetchone()
+    return int(row[0]) if row else None
+
+
 async def get_task(cur: Cursor, user_id: int, task_id: int) -> Task:
     """The user's task; `NotFound` when it is missing or someone else's."""
     await cur.execute(GET_TASK, (task_id, user_id))
@@ -182,40 +192,71 @@ async def _lock(cur: Cursor, user_id: int, task_id: int) -> tuple[int, datetime,
     return int(seq_row[0]), seq_row[1], Task(*row)
 
 
+async def _update(
+    cur: Cursor, user_id: int, task_id: int, changes: dict[str, Any], if_match: set[int] | None
+) -> Task:
+    seq, at, task = await _lock(cur, user_id, task_id)
+    _check_version(task, if_match)
+    merged = {
+        "title": changes.get("title", task.title),
+        "description": changes.get("description", task.description),
+        "done": changes.get("done", task.done),
+    }
+    if (merged["title"], merged["description"], merged["done"]) == (
+        task.title,
+        task.description,
+        task.done,
+    ):
+        raise _NoChange(task)
+    params = {**merged, "task_id": task_id, "seq": seq, "kind": "task.updated", "at": at}
+    await cur.execute(UPDATE_TASK, params)
+    return Task(*await cur.fetchone())
+
+
+# Inside a caller's transaction (a keyed write) a no-op gives its event number back by rolling
+# back to here, and the transaction goes on to record the answer.
+SAVEPOINT = "SAVEPOINT task_change"
+ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT task_change"
+
+
 async def update_task(
     cur: Cursor,
     user_id: int,
     task_id: int,
     changes: dict[str, Any],
     if_match: set[int] | None,
+    *,
+    nested: bool = False,
 ) -> tuple[Task, bool]:
-    """Apply `changes` (title/description/done); return the task and whether it changed."""
+    """Apply `changes` (title/description/done); return the task and whether it changed.
+    `nested`: in the caller's transaction rather than one of its own."""
     try:
+        if nested:
+            await cur.execute(SAVEPOINT)
+            try:
+                return await _update(cur, user_id, task_id, changes, if_match), True
+            except _NoChange:
+                await cur.execute(ROLLBACK_TO_SAVEPOINT)
+                raise
         async with cur.begin():
-            seq, at, task = await _lock(cur, user_id, task_id)
-            _check_version(task, if_match)
-            merged = {
-                "title": changes.get("title", task.title),
-                "description": changes.get("description", task.description),
-                "done": changes.get("done", task.done),
-            }
-            if (merged["title"], merged["description"], merged["done"]) == (
-                task.title,
-                task.description,
-                task.done,
-            ):
-                raise _NoChange(task)
-            params = {**merged, "task_id": task_id, "seq": seq, "kind": "task.updated", "at": at}
-            await cur.execute(UPDATE_TASK, params)
-            return Task(*await cur.fetchone()), True
+            return await _update(cur, user_id, task_id, changes, if_match), True
     except _NoChange as unchanged:
         return unchanged.task, False
 
 
-async def delete_task(cur: Cursor, user_id: int, task_id: int, if_match: set[int] | None) -> None:
-    """Delete the task and queue its `task.deleted` event."""
+async def delete_task(
+    cur: Cursor, user_id: int, task_id: int, if_match: set[int] | None, *, nested: bool = False
+) -> None:
+    """Delete the task and queue its `task.deleted` event (`nested`: see `update_task`)."""
+    if nested:
+        await _delete(cur, user_id, task_id, if_match)
+        return
     async with cur.begin():
-        seq, at, task = await _lock(cur, user_id, task_id)
-        _check_version(task, if_match)
-        params = {"task_id": task_id, "seq": seq, "kind": "task.deleted", "at": at}
-        await cur.execute(DELETE_TASK, params)
+        await _delete(cur, user_id, task_id, if_match)
+
+
+async def _delete(cur: Cursor, user_id: int, task_id: int, if_match: set[int] | None) -> None:
+    seq, at, task = await _lock(cur, user_id, task_id)
+    _check_version(task, if_match)
+    params = {"task_id": task_id, "seq": seq, "kind": "task.deleted", "at": at}
+    await cur.execute(DELETE_TASK, params)

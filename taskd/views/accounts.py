@@ -1,4 +1,5 @@
-"""Register, login, token refresh, logout and `me`."""
+"""Register, login, token refresh, logout, `me`; the password, logging out everywhere and
+deleting the account."""
 
 from __future__ import annotations
 
@@ -16,19 +17,30 @@ from taskd.errors import (
     Unavailable,
     ValidationFailed,
 )
-from taskd.models import canonical_username
+from taskd.models import Credentials, canonical_username
 from taskd.responses import user_body
-from taskd.schemas import Login, RefreshIn, validate_body, validate_register
+from taskd.schemas import (
+    AccountDeletion,
+    Login,
+    RefreshIn,
+    validate_body,
+    validate_password_change,
+    validate_register,
+)
 from taskd.views.common import client_address, read_json
 
 NO_STORE = {"Cache-Control": "no-store"}
 USERNAME_TAKEN = "A user with that username already exists."
+OLD_PASSWORD_WRONG = "Your old password was entered incorrectly. Please enter it again."
+PASSWORD_WRONG = "Wrong password."
 
 
-def _tokens_response(request: web.Request, user_id: int, refresh_jti: uuid.UUID) -> web.Response:
+def _tokens_response(
+    request: web.Request, user_id: int, refresh_jti: uuid.UUID, generation: int
+) -> web.Response:
     tokens = request.app[keys.TOKENS]
     body = {
-        "access": tokens.issue(user_id, "access"),
+        "access": tokens.issue(user_id, "access", generation=generation),
         "refresh": tokens.issue(user_id, "refresh", refresh_jti),
     }
     return web.json_response(body, headers=NO_STORE)
@@ -87,8 +99,10 @@ async def login(request: web.Request) -> web.Response:
         if new_hash is not None:
             await store.update_password_hash(cur, credentials, new_hash)
         ttl = app[keys.TOKENS].ttl("refresh")
-        await store.insert_refresh(cur, jti, credentials.user_id, ttl)
-    return _tokens_response(request, credentials.user_id, jti)
+        generation = credentials.token_generation
+        if not await store.insert_refresh(cur, jti, credentials.user_id, ttl, generation):
+            raise LoginFailed()  # the password changed (or the account went) meanwhile
+    return _tokens_response(request, credentials.user_id, jti, generation)
 
 
 async def _refresh_claims(request: web.Request) -> uuid.UUID:
@@ -106,10 +120,10 @@ async def refresh(request: web.Request) -> web.Response:
     jti, new_jti = await _refresh_claims(request), uuid.uuid4()
     async with db.cursor(request.app[keys.PG_POOL]) as cur:
         ttl = request.app[keys.TOKENS].ttl("refresh")
-        user_id = await store.rotate_refresh(cur, jti, new_jti, ttl)
-    if user_id is None:
+        grant = await store.rotate_refresh(cur, jti, new_jti, ttl)
+    if grant is None:
         raise TokenInvalid("Token is invalid, expired, revoked or already used.")
-    return _tokens_response(request, user_id, new_jti)
+    return _tokens_response(request, grant.user_id, new_jti, grant.token_generation)
 
 
 async def logout(request: web.Request) -> web.Response:
@@ -127,3 +141,70 @@ async def me(request: web.Request) -> web.Response:
     if user is None:
         raise NotAuthenticated("User not found.", code="user_not_found")
     return web.json_response(user_body(user))
+
+
+async def _credentials(request: web.Request) -> Credentials:
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        credentials = await store.get_credentials_by_id(cur, request[keys.USER_ID])
+    if credentials is None:
+        raise NotAuthenticated("User not found.", code="user_not_found")
+    return credentials
+
+
+async def _check_password(
+    request: web.Request, credentials: Credentials, password: str, field: str, message: str
+) -> None:
+    """A 400 on `field` unless `password` is the user's; counted per user (a stolen access
+    token must not become a way to guess the password)."""
+    app = request.app
+    limit = app[keys.SETTINGS].throttle.password_per_user
+    await app[keys.THROTTLE].hit("password-user", str(credentials.user_id), limit)
+    if not await app[keys.PASSWORDS].verify(password, credentials.password_hash):
+        raise ValidationFailed.one(field, message)
+
+
+async def change_password(request: web.Request) -> web.Response:
+    """A new password ends every login of the user (here and on every replica); the caller
+    gets the first tokens of a new one."""
+    app = request.app
+    raw = await read_json(request)
+    credentials = await _credentials(request)
+    body = validate_password_change(raw, credentials.username)
+    await _check_password(
+        request, credentials, body.old_password, "old_password", OLD_PASSWORD_WRONG
+    )
+    new_hash = await app[keys.PASSWORDS].hash(body.new_password)
+    user_id, jti = credentials.user_id, uuid.uuid4()
+    async with db.cursor(app[keys.PG_POOL]) as cur:
+        ttl = app[keys.TOKENS].ttl("refresh")
+        generation = await store.change_password(
+            cur, user_id, credentials.password_hash, new_hash, jti, ttl
+        )
+    if generation is None:  # changed by another request since it was checked
+        raise ValidationFailed.one("old_password", OLD_PASSWORD_WRONG)
+    await app[keys.CUTOFFS].logins_ended(user_id, generation)
+    return _tokens_response(request, user_id, jti, generation)
+
+
+async def logout_all(request: web.Request) -> web.Response:
+    """End every login of the user: refresh families revoked, access tokens refused."""
+    user_id = request[keys.USER_ID]
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        generation = await store.end_logins(cur, user_id)
+    if generation is None:
+        raise NotAuthenticated("User not found.", code="user_not_found")
+    await request.app[keys.CUTOFFS].logins_ended(user_id, generation)
+    return web.Response(status=204, headers=NO_STORE)
+
+
+async def delete_me(request: web.Request) -> web.Response:
+    """Delete the account and everything of it; its username is free again."""
+    body = validate_body(AccountDeletion, await read_json(request))
+    credentials = await _credentials(request)
+    await _check_password(request, credentials, body.password, "password", PASSWORD_WRONG)
+    async with db.cursor(request.app[keys.PG_POOL]) as cur:
+        deleted = await store.delete_user(cur, credentials.user_id, credentials.password_hash)
+    if not deleted:  # the password changed since it was checked
+        raise ValidationFailed.one("password", PASSWORD_WRONG)
+    await request.app[keys.CUTOFFS].account_deleted(credentials.user_id)
+    return web.Response(status=204, headers=NO_STORE)

@@ -1,16 +1,21 @@
-"""What every handler shares: body parsing, ids, If-Match, absolute URLs."""
+"""What every handler shares: body parsing, ids, entity tags, Idempotency-Key, absolute URLs."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from yarl import URL
 
+from taskd import keys
 from taskd.errors import NON_FIELD, NotFound, ValidationFailed
+from taskd.models import Answer, KeyedRequest
 from taskd.schemas import canonical_id
 
 # Bodies above this are parsed or serialised in a thread: a 1 MiB body, or a page of 1,000
@@ -86,6 +91,64 @@ def if_none_match(request: web.Request, version: int) -> bool:
 
 def etag(version: int) -> str:
     return f'"{version}"'
+
+
+def _text_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # a header or query may hold anything
+
+
+def list_etag(request: web.Request, query: Mapping[str, str], position: int) -> str:
+    """A weak tag for a page of the list: the user's stream position (every change moves
+    it) and what else shapes the page (the user, the query, and the host that `next` and
+    `previous` are built on)."""
+    shape = " ".join(
+        (str(request[keys.USER_ID]), request.scheme, request.host, urlencode(sorted(query.items())))
+    )
+    return f'W/"{position}-{hashlib.blake2b(_text_bytes(shape), digest_size=8).hexdigest()}"'
+
+
+def none_match(request: web.Request, tag: str) -> bool:
+    """Whether `If-None-Match` names this tag (weak comparison) or is `*`."""
+    header = request.headers.get("If-None-Match")
+    if header is None:
+        return False
+    opaque = tag.removeprefix("W/")
+    return header.strip() == "*" or any(
+        part.strip().removeprefix("W/") == opaque for part in header.split(",")
+    )
+
+
+IDEMPOTENCY_KEY = "Idempotency-Key"  # also the field a malformed key's 400 is reported on
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def keyed_request(request: web.Request, body: object) -> KeyedRequest | None:
+    """The write's Idempotency-Key and a digest of the request it names (method, path and
+    the JSON body, key order aside); None without one; 400 when it is malformed."""
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ValidationFailed.one(IDEMPOTENCY_KEY, "Must be 1 to 255 visible ASCII characters.")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    what = _text_bytes("\n".join((request.method, request.path, canonical)))
+    return KeyedRequest(request[keys.USER_ID], key, hashlib.sha256(what).digest())
+
+
+def answer_response(answer: Answer, replayed: bool = False) -> web.Response:
+    """A write's answer (as recorded for its Idempotency-Key)."""
+    headers = {}
+    if answer.etag is not None:
+        headers["ETag"] = answer.etag
+    if answer.location is not None:
+        headers["Location"] = answer.location
+    if replayed:
+        headers["Idempotency-Replayed"] = "true"
+    if answer.body is None:
+        return web.Response(status=answer.status, headers=headers)
+    return web.Response(
+        text=answer.body, status=answer.status, headers=headers, content_type="application/json"
+    )
 
 
 def client_address(request: web.Request) -> str:

@@ -15,9 +15,9 @@ from aiohttp_sse import EventSourceResponse
 
 from taskd import keys
 from taskd.config import StreamSettings
-from taskd.errors import ApiError, Forbidden
+from taskd.errors import ApiError, Forbidden, LoginEnded
 from taskd.feed import Feed, Item, ResetNotice, payload
-from taskd.hub import Closed
+from taskd.hub import LOGIN_ENDED, Closed
 from taskd.streams import REDIS_DOWN, event_id
 from taskd.views.common import public_origin
 
@@ -39,6 +39,18 @@ def _ping_interval(settings: StreamSettings) -> float:
     quarter, so that the pings and timers of thousands of connections opened together do not
     all fire at once (that stalled a replica for most of a second at 10,000)."""
     return settings.ping_interval * random.uniform(0.75, 1.0)
+
+
+async def _open_feed(request: web.Request, kind: str, resume: str | None) -> Feed:
+    """The client's feed, registered with the hub. A change that ended the token's login
+    while the feed was opening (its announcement ended the user's streams before this one was
+    registered) is seen now, in the cache it updated: 401, as for a reconnect."""
+    user_id = request[keys.USER_ID]
+    feed = await Feed.open(request.app, user_id, kind, resume)
+    if request.app[keys.CUTOFFS].refuses(user_id, request[keys.TOKEN_GENERATION]):
+        feed.close()
+        raise LoginEnded()
+    return feed
 
 
 def _resume_id(request: web.Request, header: bool) -> str | None:
@@ -67,9 +79,7 @@ async def _pump(
 
 async def sse(request: web.Request) -> web.StreamResponse:
     settings = request.app[keys.SETTINGS].stream
-    feed = await Feed.open(
-        request.app, request[keys.USER_ID], "sse", _resume_id(request, header=True)
-    )
+    feed = await _open_feed(request, "sse", _resume_id(request, header=True))
     ping_interval = _ping_interval(settings)
     resp = EventSourceResponse(ping_interval=ping_interval, send_timeout=settings.send_timeout)
     if request.transport is None:  # the client left while its feed opened
@@ -92,7 +102,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
             await resp.send(REAUTH, event="reauth")
     except Closed as closed:
         log.debug("sse stream closed by the hub: %s", closed)
-        if closed.args and closed.args[0] == "shutdown":
+        if closed.args and closed.args[0] == LOGIN_ENDED:
+            with contextlib.suppress(ConnectionResetError):
+                await resp.send(REAUTH, event="reauth")
+        elif closed.args and closed.args[0] == "shutdown":
             # Reconnect soon (to another replica); the next stream's own `retry:` resets it.
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(f"retry: {SHUTDOWN_RETRY_MS}\n\n".encode())
@@ -116,9 +129,7 @@ def _check_origin(request: web.Request) -> None:
 async def ws(request: web.Request) -> web.StreamResponse:
     _check_origin(request)
     settings = request.app[keys.SETTINGS].stream
-    feed = await Feed.open(
-        request.app, request[keys.USER_ID], "ws", _resume_id(request, header=False)
-    )
+    feed = await _open_feed(request, "ws", _resume_id(request, header=False))
     ping_interval = _ping_interval(settings)
     socket = web.WebSocketResponse(heartbeat=ping_interval, max_msg_size=64 * 1024)
     lock = asyncio.Lock()  # the reader answers pings while the writer sends events
@@ -141,7 +152,13 @@ async def ws(request: web.Request) -> web.StreamResponse:
                 await send_text(REAUTH)
                 code = WS_REAUTH
         except Closed as closed:
-            code = 1012 if closed.args and closed.args[0] == "shutdown" else WS_TRY_AGAIN
+            reason = closed.args[0] if closed.args else None
+            if reason == LOGIN_ENDED:
+                code = WS_REAUTH
+                with contextlib.suppress(ConnectionResetError, TimeoutError):
+                    await send_text(REAUTH)
+            else:
+                code = 1012 if reason == "shutdown" else WS_TRY_AGAIN
         except (ApiError, *REDIS_DOWN, ConnectionResetError, TimeoutError) as exc:
             log.info("websocket stream ended: %r", exc)
         except Exception:
