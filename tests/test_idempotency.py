@@ -15,6 +15,7 @@ import psycopg2
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 import taskd.store
 from taskd.app import create_app
@@ -133,6 +134,16 @@ async def test_a_malformed_key_is_a_400_on_the_header(alice: User, key: str) -> 
         status, body = resp.status, await resp.json()
     assert status == 400
     assert list(body) == ["Idempotency-Key"]
+    assert await count(alice) == 0
+
+
+async def test_two_keys_on_one_request_are_a_400(alice: User) -> None:
+    """Which one would count? A proxy that folds them would send `a, b`, itself a 400."""
+    headers = CIMultiDict([("Authorization", f"Bearer {alice.access}"), ("Idempotency-Key", "a")])
+    headers.add("Idempotency-Key", "b")
+    async with alice.client.post("/api/tasks/", json={"title": "t"}, headers=headers) as resp:
+        status, body = resp.status, await resp.json()
+    assert (status, list(body)) == (400, ["Idempotency-Key"])
     assert await count(alice) == 0
 
 

@@ -125,9 +125,12 @@ IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 def keyed_request(request: web.Request, body: object) -> KeyedRequest | None:
     """The write's Idempotency-Key and a digest of the request it names (method, path and
     the JSON body, key order aside); None without one; 400 when it is malformed."""
-    key = request.headers.get(IDEMPOTENCY_KEY)
-    if key is None:
+    sent = request.headers.getall(IDEMPOTENCY_KEY, [])
+    if not sent:
         return None
+    if len(sent) > 1:  # which one? A proxy that folds them would send `a, b`: refuse both ways
+        raise ValidationFailed.one(IDEMPOTENCY_KEY, "Send one Idempotency-Key.")
+    key = sent[0]
     if not IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise ValidationFailed.one(IDEMPOTENCY_KEY, "Must be 1 to 255 visible ASCII characters.")
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
