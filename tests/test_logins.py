@@ -3,6 +3,7 @@ tokens and end the live streams on every replica, without a database query per r
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import uuid
@@ -336,3 +337,30 @@ async def test_a_malformed_generation_is_refused(alice: User, settings: Settings
     token = jwt.encode(claims, settings.auth.secret.get_secret_value(), algorithm="HS256")
     status, body = await me(dataclasses.replace(alice, access=token))
     assert (status, body["code"]) == (401, "token_not_valid")
+
+
+async def test_a_login_racing_log_out_everywhere_still_logs_in(
+    aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    """Log out everywhere ends the logins that exist; a login whose password check it
+    overlapped is a new one with the right password, so it is not told its credentials are
+    wrong. (A password change in its place would refuse it: that password is stale.)"""
+    settings = make_settings(throttle={"login_per_username": 10_000})
+    client = await aiohttp_client(create_app(settings))
+    await register_and_login(client, "alice")
+    credentials = {"username": "alice", "password": PASSWORD}
+    refused = []
+    for round_ in range(30):
+        async with client.post("/api/login/", json=credentials) as resp:
+            access = (await resp.json())["access"]
+        everywhere = {"Authorization": f"Bearer {access}"}
+        racing, ended = await asyncio.gather(
+            client.post("/api/login/", json=credentials),
+            client.post("/api/logout/all/", headers=everywhere),
+        )
+        assert ended.status == 204
+        if racing.status != 200:
+            refused.append((round_, racing.status, await racing.json()))
+        racing.release()
+        ended.release()
+    assert refused == []

@@ -101,7 +101,16 @@ async def login(request: web.Request) -> web.Response:
         ttl = app[keys.TOKENS].ttl("refresh")
         generation = credentials.token_generation
         if not await store.insert_refresh(cur, jti, credentials.user_id, ttl, generation):
-            raise LoginFailed()  # the password changed (or the account went) meanwhile
+            # The user's logins ended while this password was checked. After a password
+            # change (or with the account gone) it is stale; after "log out everywhere" it
+            # is not, and this is a new login: it starts in the new generation.
+            current = await store.get_credentials_by_id(cur, credentials.user_id)
+            checked = {credentials.password_hash, new_hash}
+            if current is None or current.password_hash not in checked:
+                raise LoginFailed()
+            generation = current.token_generation
+            if not await store.insert_refresh(cur, jti, credentials.user_id, ttl, generation):
+                raise LoginFailed()  # ended once more meanwhile: the client may retry
     return _tokens_response(request, credentials.user_id, jti, generation)
 
 
