@@ -32,8 +32,15 @@ class _JsonErrorHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        # aiohttp's own version logs, and refuses once a response has started: keep that.
-        super().handle_error(request, status, exc, message)
+        # aiohttp's own version logs every one with a traceback at ERROR, so a client sending
+        # junk fills the log: a client's mistake (4xx) is one line at INFO; a failure of ours
+        # (5xx) keeps its traceback.
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:
+            self.logger.info("Error handling request from %s: %s", request.remote, exc or message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was sent already: the connection is broken")
         response = web.json_response(protocol_error_body(status), status=status)
         response.force_close()
         return response
