@@ -113,28 +113,34 @@ class GcSchedule:
     SWEEP_EVERY = 10  # the whole heap, every ten minutes
     NEVER = 1 << 30  # a gen2 threshold no count reaches
 
-    def __init__(self) -> None:
-        self._runs = 0
+    def __init__(self, full_every: float = FULL_EVERY, sweep_every: int = SWEEP_EVERY) -> None:
+        self._full_every = full_every
+        self._sweep_every = sweep_every
+        self.runs = 0
+        self._saved_threshold = gc.get_threshold()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         gc.collect()
         gc.freeze()  # start-up objects: modules, the app, pools
-        young, middle, _ = gc.get_threshold()
+        young, middle, _ = self._saved_threshold
         gc.set_threshold(young, middle, self.NEVER)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="taskd-gc")
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.FULL_EVERY)
-            self._runs += 1
-            if self._runs % self.SWEEP_EVERY == 0:
+            await asyncio.sleep(self._full_every)
+            if (self.runs + 1) % self._sweep_every == 0:
                 gc.unfreeze()
             gc.collect()
             gc.freeze()
+            self.runs += 1
 
     async def stop(self) -> None:
+        """Back to CPython's own collections, with nothing left frozen."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        gc.set_threshold(*self._saved_threshold)
+        gc.unfreeze()
