@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "TASKD_"
 CONFIG_ENV = "TASKD_CONFIG"
@@ -94,6 +97,22 @@ class RedisSettings(_Section):
     namespace: str = Field("taskd", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     max_connections: int = Field(32, ge=2)
     timeout: float = Field(1.0, gt=0)
+    cluster_nodes: tuple[str, ...] = ()
+    wait_replicas: int = Field(0, ge=0)
+    wait_timeout_ms: int = Field(1000, ge=1)
+
+    @field_validator("cluster_nodes", mode="before")
+    @classmethod
+    def _nodes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            for node in value:
+                host, sep, port = str(node).rpartition(":")
+                if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"{node!r} is not host:port")
+            return tuple(str(v) for v in value)
+        return value
 
 
 class AuthSettings(_Section):
@@ -121,8 +140,7 @@ class ThrottleSettings(_Section):
 
 class StreamSettings(_Section):
     maxlen: int = Field(1000, ge=1)
-    firehose_maxlen: int = Field(10_000, ge=1)
-    firehose_inline_bytes: int = Field(4096, ge=256)
+    live_inline_bytes: int = Field(4096, ge=256)
     ping_interval: float = Field(15.0, gt=0)
     queue_size: int = Field(1000, ge=1)
     queue_bytes: int = Field(1024 * 1024, ge=64 * 1024)
@@ -131,8 +149,6 @@ class StreamSettings(_Section):
     reconnect_wait: float = Field(1.0, ge=0)
     retry_ms: int = Field(2000, ge=0)
     catch_up_batch: int = Field(500, ge=1)
-    hub_batch: int = Field(500, ge=1)
-    hub_block_ms: int = Field(5000, ge=1)
     send_timeout: float = Field(10.0, gt=0)
 
 
@@ -179,6 +195,29 @@ class ConfigError(Exception):
     """The configuration file or environment is not valid."""
 
 
+# Keys earlier versions had and this one ignores (with a warning) rather than refuse: a
+# deployment's config file keeps working across the upgrade that retired them.
+RETIRED = {
+    ("stream", "firehose_maxlen"): "there is no firehose since live events use shard channels",
+    ("stream", "hub_batch"): "the hub no longer reads a firehose",
+    ("stream", "hub_block_ms"): "the hub no longer reads a firehose",
+    ("stream", "firehose_inline_bytes"): "renamed [stream] live_inline_bytes",
+}
+
+
+def _drop_retired(data: dict[str, Any]) -> list[str]:
+    """Remove retired keys from `data`; a warning for each."""
+    warnings = []
+    for (table, key), why in RETIRED.items():
+        section = data.get(table)
+        if isinstance(section, dict) and key in section:
+            value = section.pop(key)
+            if key == "firehose_inline_bytes":
+                section.setdefault("live_inline_bytes", value)
+            warnings.append(f"[{table}] {key} is ignored: {why}")
+    return warnings
+
+
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     """Overlay `TASKD_<TABLE>_<KEY>` variables; an unknown key of a known table is an error."""
     tables = Settings.model_fields
@@ -195,7 +234,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
             if isinstance(section_model, type) and issubclass(section_model, BaseModel)
             else {}
         )
-        if key not in fields:
+        if key not in fields and (table, key) not in RETIRED:
             raise ConfigError(f"{name}: [{table}] has no key {key!r}")
         data.setdefault(table, {})[key] = value
 
@@ -214,6 +253,8 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     elif path != DEFAULT_CONFIG:
         raise ConfigError(f"{path}: no such file")
     _apply_env(data, env)
+    for warning in _drop_retired(data):
+        log.warning("%s", warning)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

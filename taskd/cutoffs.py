@@ -31,13 +31,12 @@ from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from taskd import db, keys, store
 from taskd.background import Backoff, stop_background, stop_requested, supervise
-from taskd.config import AuthSettings, RedisSettings
+from taskd.config import AuthSettings
 from taskd.errors import ApiError, LoginEnded
+from taskd.shards import RedisClient, Shards
 from taskd.streams import REDIS_DOWN, RedisKeys
 
 log = logging.getLogger(__name__)
@@ -54,17 +53,18 @@ class Cutoffs:
     def __init__(
         self,
         pg_pool: Any,
-        redis: Redis,
+        redis: RedisClient,
+        shards: Shards,
         keyspace: RedisKeys,
-        redis_settings: RedisSettings,
         settings: AuthSettings,
         end_streams: Callable[[int], None],
         streaming_users: Callable[[], list[int]],
     ) -> None:
         self._pool = pg_pool
         self._redis = redis
+        self._shards = shards
+        self._timeout = shards.timeout
         self._keys = keyspace
-        self._redis_settings = redis_settings
         self._size = settings.cutoff_cache_size
         self._max_age = settings.cutoff_max_age
         self._recheck = settings.cutoff_recheck
@@ -170,11 +170,9 @@ class Cutoffs:
         """Publish the change (deleting a gone account's stream); keep it to retry if Redis
         does not answer. Whether it went out."""
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                if generation == GONE:
-                    pipe.delete(self._keys.events(user_id))
-                pipe.publish(self._keys.cutoffs(), f"{user_id}:{generation}")
-                await pipe.execute()
+            if generation == GONE:
+                await self._redis.delete(self._keys.events(user_id))
+            await self._redis.publish(self._keys.cutoffs(), f"{user_id}:{generation}")
         except REDIS_DOWN as exc:
             log.warning("cannot announce that user %d's logins ended yet: %r", user_id, exc)
             self._unannounced[user_id] = max(generation, self._unannounced.get(user_id, 0))
@@ -199,16 +197,9 @@ class Cutoffs:
 
     def _client(self) -> Redis:
         # Retries off: redis-py would otherwise reconnect and resubscribe by itself, and the
-        # announcements missed meanwhile would go unnoticed. The loop below reconnects.
-        return Redis.from_url(
-            self._redis_settings.url.get_secret_value(),
-            protocol=3,
-            socket_timeout=self._redis_settings.timeout,
-            socket_connect_timeout=self._redis_settings.timeout,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"taskd:{self._keys.namespace}:cutoffs",
-        )
+        # announcements missed meanwhile would go unnoticed. The loop below reconnects, to
+        # another node of a cluster each time (any node hears a cluster's PUBLISH).
+        return self._shards.direct(self._shards.any_node(), "cutoffs", read_timeout=self._timeout)
 
     async def listen(self) -> None:
         """Forever: hold the subscription; on losing it, fall back to re-reading (above)."""
@@ -226,7 +217,7 @@ class Cutoffs:
         pubsub = client.pubsub()
         try:
             await pubsub.subscribe(self._keys.cutoffs())
-            async with asyncio.timeout(self._redis_settings.timeout + PING_EVERY):
+            async with asyncio.timeout(self._timeout + PING_EVERY):
                 while (confirmed := await pubsub.get_message(timeout=PING_EVERY)) is None or (
                     confirmed["type"] != "subscribe"
                 ):
@@ -307,8 +298,8 @@ async def cutoffs_ctx(app: web.Application) -> AsyncIterator[None]:
     cutoffs = Cutoffs(
         app[keys.PG_POOL],
         app[keys.REDIS],
+        app[keys.SHARDS],
         app[keys.KEYSPACE],
-        settings.redis,
         settings.auth,
         hub.end_logins_of,
         hub.streaming_users,

@@ -138,12 +138,15 @@ class Feed:
                     event = await self._sub.get()
             except TimeoutError:
                 return None
+            if event is None:  # the channel was away: what it missed is in the stream
+                self._need_fill = True
+                continue
             self._accept(event)
         return self._ready.pop(0)
 
     def _accept(self, event: StreamEvent) -> None:
         if event.seq <= self.last:
-            return  # a repeat: the firehose after a relay retry, or a catch-up overlap
+            return  # a repeat: a relay retry, or a catch-up overlap
         if event.data is None:
             self._need_fill = True  # a big event's reference: read it from the user's stream
             return

@@ -1,5 +1,6 @@
-"""The per-process hub: tails the firehose on one connection and fans events out to bounded
-subscriber queues (one per live connection). What a client sees is built by `feed.Feed`."""
+"""The per-process hub: hears the live channels of the users streaming here (one connection
+per Redis master, `listener.NodeListener`) and fans events out to bounded subscriber queues
+(one per live connection). What a client sees is built by `feed.Feed`."""
 
 from __future__ import annotations
 
@@ -10,21 +11,19 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from taskd import keys
-from taskd.background import Backoff, stop_background, stop_requested, supervise
+from taskd.background import Backoff, stop_background, stop_requested
 from taskd.config import RedisSettings, StreamSettings
 from taskd.errors import Throttled, Unavailable
+from taskd.listener import NodeListener
+from taskd.shards import Node, RedisClient, Shards
 from taskd.streams import (
     REDIS_DOWN,
     RedisKeys,
     StreamEvent,
     StreamReader,
-    as_entries,
-    event_from_entry,
-    event_id,
-    xread_entries,
+    event_from_message,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,7 @@ class Subscription:
         "_max_bytes",
         "_max_events",
         "_queue",
+        "_stale",
         "_waiter",
         "closed",
         "kind",
@@ -68,6 +68,7 @@ class Subscription:
         self._queue: deque[StreamEvent] | None = None
         self._bytes = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._stale = False
         self.closed: str | None = None
 
     def offer(self, event: StreamEvent) -> None:
@@ -90,14 +91,24 @@ class Subscription:
             self._bytes = 0
             self._wake()
 
+    def resync(self) -> None:
+        """Events may have been missed (the channel was away): the feed reads the stream."""
+        if not self.closed:
+            self._stale = True
+            self._wake()
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def get(self) -> StreamEvent:
+    async def get(self) -> StreamEvent | None:
+        """The next event; None once after a `resync`."""
         while not self._queue:
             if self.closed:
                 raise Closed(self.closed)
+            if self._stale:
+                self._stale = False
+                return None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -105,44 +116,102 @@ class Subscription:
                 self._waiter = None
         if self.closed:
             raise Closed(self.closed)
+        if self._stale:
+            self._stale = False
+            return None
         event = self._queue.popleft()
         self._bytes -= event.size
         return event
 
 
 class Hub:
-    """Tails `<ns>:firehose` with one blocking XREAD and hands each event to its user's queues."""
+    """Hands each event heard on a user's live channel to that user's local subscriptions.
 
-    def __init__(self, redis: RedisSettings, stream: StreamSettings, keyspace: RedisKeys) -> None:
-        self._redis_settings = redis
+    A user's channel is subscribed on their node while they have a stream here, on one
+    connection per master (`NodeListener`). When a connection is lost or a slot moves, the
+    slot map is read again, the channels go where their slots are, and each subscription
+    of the users concerned is resynced from the stream (Pub/Sub delivers at most once).
+    """
+
+    def __init__(
+        self,
+        redis_settings: RedisSettings,
+        stream: StreamSettings,
+        keyspace: RedisKeys,
+        redis: RedisClient,
+        shards: Shards,
+    ) -> None:
+        self._redis_settings = redis_settings
         self._settings = stream
         self._keys = keyspace
+        self._redis = redis
+        self._shards = shards
         self._subscribers: dict[int, set[Subscription]] = {}
-        self._up = asyncio.Event()  # set while the firehose is tailed
-        self._lost = False  # the last failure broke a connection that was tailing
-        self.delivered = 0
+        self._listeners: dict[Node, NodeListener] = {}
+        self._home: dict[int, Node] = {}  # the node whose listener carries a user's channel
+        self._up = asyncio.Event()  # set while every listener is connected
+        self._trouble = asyncio.Event()  # a listener failed or a slot moved: re-read the map
+        self._ending: dict[Node, asyncio.TimerHandle] = {}  # streams on a node that is away
+        self.delivered = 0  # events handed to subscriptions
+        self.received = 0  # events heard from Redis (only those of users streaming here)
 
     @property
     def connected(self) -> bool:
         return self._up.is_set()
 
     async def wait_connected(self, patience: float) -> bool:
-        """Whether the hub tails the firehose, waiting up to `patience` seconds for it."""
+        """Whether every node is listened to, waiting up to `patience` seconds for it."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(patience):
                 await self._up.wait()
         return self.connected
 
     async def subscribe(self, user_id: int, kind: str) -> Subscription:
-        """A new subscriber; 429 past the per-user cap, 503 when the hub is not tailing (after
-        waiting a moment for a reconnect: a browser's EventSource gives up on any non-200)."""
+        """A new subscriber, once its user's channel is heard here (so that the catch-up
+        read after this misses nothing); 429 past the per-user cap, 503 when the channel
+        cannot be subscribed within `stream.reconnect_wait` (a node is down, say)."""
         self._check_room(user_id)
-        if not await self.wait_connected(self._settings.reconnect_wait):
-            raise Unavailable("Live updates are unavailable right now.")
-        self._check_room(user_id)  # others may have joined meanwhile
         sub = Subscription(user_id, kind, self._settings.queue_size, self._settings.queue_bytes)
         self._subscribers.setdefault(user_id, set()).add(sub)
+        try:
+            await self._listen(user_id)
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
         return sub
+
+    async def _listen(self, user_id: int) -> None:
+        deadline = asyncio.get_running_loop().time() + self._settings.reconnect_wait
+        while True:
+            try:
+                heard = self._listener_of(user_id).want(user_id)
+            except REDIS_DOWN as exc:  # no node serves the user's slot right now
+                log.info("hub: no redis node for user %d yet: %r", user_id, exc)
+                raise Unavailable("Live updates are unavailable right now.") from exc
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(heard)
+                return
+            except TimeoutError:
+                raise Unavailable("Live updates are unavailable right now.") from None
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not heard.cancelled() or (current is not None and current.cancelling()):
+                    raise
+                # The user's slot moved to another node meanwhile: wait for it there.
+
+    def _listener_of(self, user_id: int) -> NodeListener:
+        node = self._home.get(user_id)
+        if node is None:
+            node = self._home[user_id] = self._shards.node_of(self._keys.live(user_id))
+        return self._listener_at(node)
+
+    def _listener_at(self, node: Node) -> NodeListener:
+        listener = self._listeners.get(node)
+        if listener is None:
+            listener = self._listeners[node] = NodeListener(node, self, self._shards, self._keys)
+            self.on_state(listener)
+        return listener
 
     def subscribers_of(self, user_id: int) -> int:
         return len(self._subscribers.get(user_id, ()))
@@ -153,10 +222,14 @@ class Hub:
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subscribers.get(sub.user_id)
-        if subs is not None:
-            subs.discard(sub)
-            if not subs:
-                del self._subscribers[sub.user_id]
+        if subs is None or sub not in subs:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subscribers[sub.user_id]
+            node = self._home.pop(sub.user_id, None)
+            if node is not None and node in self._listeners:
+                self._listeners[node].drop(sub.user_id)
 
     def subscriber_count_of(self, kind: str) -> int:
         return sum(s.kind == kind for subs in self._subscribers.values() for s in subs)
@@ -175,112 +248,109 @@ class Hub:
         """The users with a live connection on this replica."""
         return list(self._subscribers)
 
-    def _client(self) -> Redis:
-        # A dedicated connection with no socket timeout: one shorter than the BLOCK time raises
-        # mid-wait (redis-py issues 3138 and 4091), and redis-py 8's own read timeout around a
-        # blocking read can swallow a task's cancellation. `_tail` bounds each read itself.
-        return Redis.from_url(
-            self._redis_settings.url.get_secret_value(),
-            protocol=3,
-            socket_timeout=None,
-            socket_connect_timeout=self._redis_settings.timeout,
-            socket_keepalive=True,
-            single_connection_client=True,
-            client_name=f"taskd:{self._keys.namespace}:hub",
-        )
+    def connections(self) -> int:
+        """Redis connections the hub holds (one per master it hears)."""
+        return sum(listener.up for listener in self._listeners.values())
 
-    async def run(self) -> None:
-        """Forever: tail the firehose; on losing Redis end every local stream and retry."""
-        backoff = Backoff(0.1, HUB_MAX_BACKOFF)
-        await supervise(lambda: self._connect_and_tail(backoff), backoff, self._failed)
+    def channels_heard(self) -> int:
+        """Live channels subscribed by this process (one per user streaming here)."""
+        return len(self._home)
 
-    async def _connect_and_tail(self, backoff: Backoff) -> None:
-        client = self._client()
+    # --- what the listeners report -----------------------------------------------------
+
+    def on_message(self, user_id: int, data: bytes) -> None:
         try:
-            await self._tail(client, backoff)
-        finally:
-            self._lost = self.connected
-            self._up.clear()
-            self.close_all("redis")
-            with contextlib.suppress(*REDIS_DOWN):
-                await client.aclose()
-
-    def _failed(self, exc: Exception) -> None:
-        if not isinstance(exc, REDIS_DOWN):
-            log.error("hub failed (%r): ending local streams", exc, exc_info=exc)
-        elif self._lost:
-            log.warning("hub lost redis (%r): ending local streams", exc)
-
-    async def _tail(self, client: Redis, backoff: Backoff) -> None:
-        key, batch = self._keys.firehose(), self._settings.hub_batch
-        newest = as_entries(await client.xrevrange(key, "+", "-", count=1))
-        last: bytes | str = newest[0][0] if newest else "0-0"
-        self._up.set()
-        backoff.reset()  # this connection held: the next blip starts from the first delay
-        log.info("hub: tailing %s", key)
-        block = self._settings.hub_block_ms
-        while not stop_requested():
-            # A silent, half-open connection must not stall the hub: bound every read.
-            async with asyncio.timeout(block / 1000 + self._redis_settings.timeout + 5):
-                reply = await client.xread({key: last}, count=batch, block=block)
-            entries = xread_entries(reply, key)
-            before = last
-            events = []
-            for entry_id, fields in entries:
-                last = entry_id
-                try:
-                    events.append(event_from_entry(fields))
-                except (KeyError, ValueError, UnicodeDecodeError):
-                    log.error("hub: skipping a firehose entry it cannot read: %r", entry_id)
-            async with asyncio.timeout(self._redis_settings.timeout + 5):
-                events = await self._resolve(client, events)
-            for event in events:
-                self._dispatch(event)
-            if len(entries) == batch and await self._fell_behind(client, key, before):
-                # The firehose was trimmed past us: these subscribers may have missed events
-                # of users that will send nothing more. They resume from the per-user streams.
-                log.warning("hub fell behind the firehose: ending local streams")
-                self.close_all("behind")
-
-    async def _resolve(self, client: Redis, events: list[StreamEvent]) -> list[StreamEvent]:
-        """The events, with each big one that travelled the firehose as a reference read
-        whole from its user's stream, once for this replica (not once per connection), if
-        this replica has subscribers of that user. One not found stays a reference: its
-        feeds look for it themselves (and reset if it is gone)."""
-        wanted = [
-            i for i, e in enumerate(events) if e.data is None and e.user_id in self._subscribers
-        ]
-        if not wanted:
-            return events
-        async with client.pipeline(transaction=False) as pipe:
-            for i in wanted:
-                seq_id = event_id(events[i].seq)
-                pipe.xrange(self._keys.events(events[i].user_id), min=seq_id, max=seq_id)
-            found = await pipe.execute()
-        for i, entries in zip(wanted, found, strict=True):
-            if entries:
-                events[i] = event_from_entry(entries[0][1])
-        return events
-
-    @staticmethod
-    async def _fell_behind(client: Redis, key: str, before: bytes | str) -> bool:
-        """Whether entries after `before` (the id this read started from) were trimmed away
-        unread. Errs towards yes when only `before` itself is gone: that costs a resume."""
-        oldest = as_entries(await client.xrange(key, "-", "+", count=1))
-        if not oldest:
-            return False
-        return _id_tuple(oldest[0][0]) > _id_tuple(before)
-
-    def _dispatch(self, event: StreamEvent) -> None:
-        for sub in self._subscribers.get(event.user_id, ()):
+            event = event_from_message(data)
+        except (ValueError, UnicodeDecodeError):
+            log.error("hub: skipping a live message it cannot read: %r", data[:100])
+            return
+        if event.user_id != user_id:
+            log.error("hub: user %d's channel carried user %d's event", user_id, event.user_id)
+            return
+        self.received += 1
+        for sub in self._subscribers.get(user_id, ()):
             sub.offer(event)
             self.delivered += 1
 
+    def on_confirmed(self, user_id: int, resync: bool) -> None:
+        if resync:
+            for sub in self._subscribers.get(user_id, ()):
+                sub.resync()
 
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+    def on_state(self, listener: NodeListener) -> None:
+        if self._listeners and all(each.up for each in self._listeners.values()):
+            self._up.set()
+        else:
+            self._up.clear()
+        if listener.up:
+            if (ending := self._ending.pop(listener.node, None)) is not None:
+                ending.cancel()
+        elif listener.node not in self._ending:
+            # A blip (a killed connection, a restart within the wait) is bridged: the users
+            # are resynced once heard again. Longer, their streams end (API.md, "When Redis is
+            # down") and the clients resume elsewhere or later.
+            self._ending[listener.node] = asyncio.get_running_loop().call_later(
+                self._settings.reconnect_wait, self._end_streams_on, listener
+            )
+
+    def _end_streams_on(self, listener: NodeListener) -> None:
+        self._ending.pop(listener.node, None)
+        if not listener.up:
+            for user_id in list(listener.users):
+                for sub in self._subscribers.get(user_id, ()):
+                    sub.close("redis")
+
+    def on_trouble(self, listener: NodeListener) -> None:
+        self._trouble.set()
+
+    # --- the map -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: keep a listener on every master and each user's channel on the node
+        that holds its slot; re-read the slot map whenever a listener reports trouble."""
+        backoff = Backoff(0.1, HUB_MAX_BACKOFF)
+        while not stop_requested():
+            try:
+                await self._shards.refresh()
+                self._place()
+                backoff.reset()
+            except REDIS_DOWN as exc:
+                log.warning("hub cannot read the redis slot map yet: %r", exc)
+                await backoff.sleep()
+                continue
+            if self._trouble.is_set():  # reported while the map was read: once more, later
+                self._trouble.clear()
+                await backoff.sleep()
+                continue
+            await self._trouble.wait()
+            self._trouble.clear()
+            await backoff.sleep()  # a failover takes seconds: do not spin
+
+    def _place(self) -> None:
+        """Listeners for the masters; each user's channel moved to its slot's master."""
+        masters = self._shards.masters()
+        for node in masters:
+            self._listener_at(node)
+        for user_id, node in list(self._home.items()):
+            try:
+                where = self._shards.node_of(self._keys.live(user_id))
+            except REDIS_DOWN:
+                continue  # its slot has no master yet: try again on the next report
+            if where != node:
+                self._listeners[node].drop(user_id)
+                self._home[user_id] = where
+                self._listener_at(where).want(user_id, resync=True)
+        for node, listener in list(self._listeners.items()):
+            if node not in masters and not listener.users:
+                del self._listeners[node]
+                asyncio.get_running_loop().create_task(listener.stop())
+        self.on_state(next(iter(self._listeners.values())))
+
+    async def stop(self) -> None:
+        for listener in list(self._listeners.values()):
+            await listener.stop()
+        for ending in self._ending.values():
+            ending.cancel()
 
 
 async def end_streams(app: web.Application) -> None:
@@ -291,7 +361,9 @@ async def end_streams(app: web.Application) -> None:
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    hub = Hub(settings.redis, settings.stream, app[keys.KEYSPACE])
+    hub = Hub(
+        settings.redis, settings.stream, app[keys.KEYSPACE], app[keys.REDIS], app[keys.SHARDS]
+    )
     app[keys.HUB] = hub
     app[keys.STREAM_READER] = StreamReader(
         app[keys.REDIS],
@@ -307,3 +379,4 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         hub.close_all("shutdown")
         await stop_background([task])
+        await hub.stop()

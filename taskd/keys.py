@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from taskd.config import Settings
 
@@ -16,6 +15,7 @@ if TYPE_CHECKING:
     from taskd.hub import Hub
     from taskd.metrics import Metrics
     from taskd.relay import Doorbell, Relay
+    from taskd.shards import RedisClient, Shards
     from taskd.streams import RedisKeys, StreamReader
     from taskd.throttle import Throttle
 
@@ -24,7 +24,8 @@ PROCESSES = web.AppKey("processes", int)  # serving processes sharing this machi
 KEYSPACE: web.AppKey[RedisKeys] = web.AppKey("keyspace")  # Redis key names, namespaced
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 PG_POOL: web.AppKey[Any] = web.AppKey("pg_pool")  # aiopg.Pool: aiopg ships no type stubs
-REDIS = web.AppKey("redis", Redis)
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")  # one instance or a cluster
+SHARDS: web.AppKey[Shards] = web.AppKey("shards")  # which node holds a key
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 TOKENS: web.AppKey[Tokens] = web.AppKey("tokens")
 CUTOFFS: web.AppKey[Cutoffs] = web.AppKey("cutoffs")  # each user's token generation, cached

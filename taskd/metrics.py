@@ -45,11 +45,19 @@ class Metrics:
         self.leader = Gauge(
             "taskd_relay_leader", "1 while this process is the relay leader.", registry=r
         )
+        self.received = Gauge(
+            "taskd_hub_events_received",
+            "Events heard from Redis: only those of users streaming on this process.",
+            registry=r,
+        )
+        self.channels = Gauge(
+            "taskd_hub_channels", "Live channels subscribed (users streaming here).", registry=r
+        )
         self.delivered = Gauge(
             "taskd_hub_events_delivered", "Events handed to local subscribers.", registry=r
         )
         self.hub_connected = Gauge(
-            "taskd_hub_redis_connected", "1 while the hub tails the firehose.", registry=r
+            "taskd_hub_redis_connected", "1 while the hub hears every Redis master.", registry=r
         )
         self.redis_connections = Gauge(
             "taskd_redis_connections", "Redis connections held by this process.", registry=r
@@ -97,11 +105,13 @@ async def _refresh(app: web.Application, metrics: Metrics) -> None:
     metrics.published.set(relay.published)
     metrics.leader.set(1 if relay.is_leader else 0)
     metrics.delivered.set(hub.delivered)
+    metrics.received.set(hub.received)
+    metrics.channels.set(hub.channels_heard())
     metrics.hub_connected.set(1 if hub.connected else 0)
     metrics.live.labels("sse").set(hub.subscriber_count_of("sse"))
     metrics.live.labels("ws").set(hub.subscriber_count_of("ws"))
-    pooled = sum(count for count, _ in app[keys.REDIS].connection_pool.get_connection_count())
-    own = (1 if hub.connected else 0) + (1 if app[keys.CUTOFFS].subscribed else 0)
+    pooled = app[keys.SHARDS].pooled_connections()
+    own = hub.connections() + (1 if app[keys.CUTOFFS].subscribed else 0)
     metrics.redis_connections.set(pooled + own)  # the pool, the hub's, the cut-offs' one
     try:
         async with db.cursor(app[keys.PG_POOL]) as cur:

@@ -1,10 +1,12 @@
-"""The relay: one leader cluster-wide publishes outbox rows to the users' Redis Streams.
+"""The relay: one leader cluster-wide publishes outbox rows to the users' Redis Streams and
+live channels.
 
 Election is a Postgres advisory lock held on a dedicated session. The server drops that
 session (and so the lock) when it goes quiet for `lease_seconds` (idle_session_timeout, TCP
 keepalives and user timeout), so a dead, hung or partitioned leader is replaced in seconds.
 Publication is at-least-once and harmless to repeat: per-user entry ids are the dense event
-ids, and Redis refuses an id at or below a stream's top.
+ids, and Redis refuses an id at or below a stream's top. On a Redis Cluster a batch goes out
+as one pipeline per master (a user's keys share a slot), on a plain connection to it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import aiopg
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 
 from taskd import db, keys, store
 from taskd.background import (
@@ -28,7 +30,8 @@ from taskd.background import (
     stop_requested,
     supervise,
 )
-from taskd.config import PostgresSettings, RelaySettings, StreamSettings
+from taskd.config import PostgresSettings, RedisSettings, RelaySettings, StreamSettings
+from taskd.shards import Node, RedisClient, Shards
 from taskd.streams import (
     REDIS_DOWN,
     RedisKeys,
@@ -37,12 +40,19 @@ from taskd.streams import (
     encode_event,
     entry_fields,
     event_id,
-    firehose_fields,
+    live_message,
 )
 
 log = logging.getLogger(__name__)
 
 HOLD_BACK_SECONDS = 30.0  # a user whose events Redis refuses is retried after this
+# Replies that mean "ask again, elsewhere or later": the slot moved, or the cluster is failing
+# over. The slot map is re-read and the events stay in the outbox for the next sweep.
+RETRY_REPLIES = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN")
+
+
+class NotReplicated(ConnectionError):
+    """WAIT saw fewer replicas hold a batch than `[redis] wait_replicas` asks for."""
 
 
 def _session_options(postgres: PostgresSettings, relay: RelaySettings) -> dict[str, Any]:
@@ -58,7 +68,7 @@ def _session_options(postgres: PostgresSettings, relay: RelaySettings) -> dict[s
 class Doorbell:
     """Wakes the leader after a commit: coalesced, fire-and-forget, one PUBLISH in flight."""
 
-    def __init__(self, redis: Redis, channel: str) -> None:
+    def __init__(self, redis: RedisClient, channel: str) -> None:
         self._redis = redis
         self._channel = channel
         self._rung = asyncio.Event()
@@ -83,14 +93,19 @@ class Relay:
         postgres: PostgresSettings,
         relay: RelaySettings,
         stream: StreamSettings,
-        redis: Redis,
+        redis_settings: RedisSettings,
+        redis: RedisClient,
+        shards: Shards,
         keyspace: RedisKeys,
     ) -> None:
         self._postgres = postgres
         self._settings = relay
         self._stream = stream
+        self._redis_settings = redis_settings
         self._redis = redis
+        self._shards = shards
         self._keys = keyspace
+        self._nodes: dict[Node, Redis] = {}  # a cluster master's own connection, for pipelines
         self.is_leader = False
         self.published = 0  # events published by this process (a counter for /metrics)
         self._held_back: dict[int, float] = {}  # user id -> loop time to retry their events
@@ -118,6 +133,13 @@ class Relay:
         finally:
             self._stepped_down = self.is_leader
             self.is_leader = False
+            await self._close_nodes()
+
+    async def _close_nodes(self) -> None:
+        nodes, self._nodes = self._nodes, {}
+        for client in nodes.values():
+            with contextlib.suppress(*REDIS_DOWN):
+                await client.aclose()
 
     def _failed(self, exc: Exception) -> None:
         self._failures += 1
@@ -136,7 +158,9 @@ class Relay:
         """Publish until something fails; every sweep's queries also keep the lease alive."""
         log.info("relay: this process is the leader")
         self.is_leader = True
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        # Its own connection (to any node of a cluster: PUBLISH reaches every node).
+        bell = self._shards.direct(self._shards.any_node(), "doorbell", read_timeout=None)
+        pubsub = bell.pubsub(ignore_subscribe_messages=True)
         try:
             subscribed = False
             while not stop_requested():
@@ -149,6 +173,7 @@ class Relay:
         finally:
             with contextlib.suppress(*REDIS_DOWN):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await bell.aclose()
 
     async def _wait_for_work(self, pubsub: Any, subscribed: bool) -> bool:
         """Until a doorbell or the sweep interval; False when the subscription broke."""
@@ -176,19 +201,20 @@ class Relay:
         events = [encode_event(row) for row in rows]
         refused: list[StreamEvent] = []
         failed: set[int] = set()
+        retry: set[int] = set()
         try:
-            results = await self._publish(events)
-            for event, result in zip(events, results[::2], strict=True):
-                if isinstance(result, ResponseError):
-                    if "equal or smaller" in str(result):
-                        refused.append(event)
-                    else:
-                        # A WRONGTYPE key, say: hold that user's events back, without
-                        # blocking everyone else's.
-                        failed.add(event.user_id)
-                        log.error(
-                            "relay: cannot publish events of user %d: %s", event.user_id, result
-                        )
+            for event, result in zip(events, await self._publish(events), strict=True):
+                if not isinstance(result, Exception):
+                    continue
+                if isinstance(result, ResponseError) and "equal or smaller" in str(result):
+                    refused.append(event)
+                elif _retryable(result):
+                    retry.add(event.user_id)
+                else:
+                    # A WRONGTYPE key, say: hold that user's events back, without
+                    # blocking everyone else's.
+                    failed.add(event.user_id)
+                    log.error("relay: cannot publish events of user %d: %s", event.user_id, result)
             diverged = await self._diverged(refused)
             for user_id in diverged:
                 await self._move_above_redis(cur, user_id)
@@ -197,17 +223,23 @@ class Relay:
                 "relay: redis unavailable, %d event(s) wait in the outbox: %s", len(rows), exc
             )
             return 0  # the caller waits a sweep interval before trying again
+        if retry:
+            log.warning(
+                "relay: %d user(s)' events wait in the outbox for redis (failover?)", len(retry)
+            )
+            with contextlib.suppress(*REDIS_DOWN):
+                await self._shards.refresh()
         now = asyncio.get_running_loop().time()
         for user_id in failed:
             self._held_back[user_id] = now + HOLD_BACK_SECONDS
         # A renumbered user's rows stay: they go out under their new numbers next sweep.
-        skip = failed | diverged
+        skip = failed | diverged | retry
         done = [(row.user_id, row.seq) for row in rows if row.user_id not in skip]
         gone = await store.delete_outbox(cur, done)
         self.published += len(done)
         if gone:
             await self._forget_streams(gone)
-        return len(rows)
+        return 0 if retry else len(rows)  # retries wait for the next sweep
 
     async def _forget_streams(self, user_ids: list[int]) -> None:
         """Delete the streams of deleted accounts that this batch wrote to after the deletion
@@ -220,9 +252,34 @@ class Relay:
             )
 
     async def _publish(self, events: list[StreamEvent]) -> list[Any]:
-        """XADD each event to its user's stream and to the firehose, in one MULTI/EXEC;
-        the replies, two per event."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        """Publish the events, one pipeline per master; each one's XADD reply, or the
+        exception that stopped its master's pipeline."""
+        by_node: dict[Node, list[int]] = {}
+        replies: list[Any] = [None] * len(events)
+        for i, event in enumerate(events):
+            try:
+                node = self._shards.node_of(self._keys.events(event.user_id))
+            except RedisClusterException as exc:  # its slot has no master right now
+                replies[i] = exc
+                continue
+            by_node.setdefault(node, []).append(i)
+        outcomes = await asyncio.gather(
+            *(self._publish_to(node, [events[i] for i in at]) for node, at in by_node.items()),
+            return_exceptions=True,
+        )
+        for (node, wanted), outcome in zip(by_node.items(), outcomes, strict=True):
+            if isinstance(outcome, BaseException) and node in self._nodes:
+                with contextlib.suppress(*REDIS_DOWN):  # a fresh connection next time
+                    await self._nodes.pop(node).aclose()
+            for n, i in enumerate(wanted):
+                replies[i] = outcome if isinstance(outcome, BaseException) else outcome[n]
+        return replies
+
+    async def _publish_to(self, node: Node, events: list[StreamEvent]) -> list[Any]:
+        """On one master, in one round trip: XADD each event to its user's stream and
+        SPUBLISH it on their live channel; then WAIT for replicas when configured."""
+        wait = self._redis_settings.wait_replicas
+        async with self._client_of(node).pipeline(transaction=False) as pipe:
             for event in events:
                 # Trimmed exactly: `maxlen` then bounds a user's stream in bytes too.
                 pipe.xadd(
@@ -232,15 +289,28 @@ class Relay:
                     maxlen=self._stream.maxlen,
                     approximate=False,
                 )
-                # Sent even when the per-user entry exists already: a relay that died
-                # between the two must not leave live subscribers waiting.
-                pipe.xadd(
-                    self._keys.firehose(),
-                    firehose_fields(event, self._stream.firehose_inline_bytes),
-                    maxlen=self._stream.firehose_maxlen,
-                    approximate=True,
+                # Sent even when the entry exists already: a relay that died between the two
+                # must not leave live subscribers waiting.
+                pipe.spublish(
+                    self._keys.live(event.user_id),
+                    live_message(event, self._stream.live_inline_bytes),
                 )
-            return list(await pipe.execute(raise_on_error=False))
+            if wait:
+                pipe.execute_command("WAIT", wait, self._redis_settings.wait_timeout_ms)
+            replies = list(await pipe.execute(raise_on_error=False))
+        if wait and not (isinstance(replies[-1], int) and replies[-1] >= wait):
+            raise NotReplicated(f"WAIT {wait}: {replies[-1]!r} replica(s) hold the batch")
+        return replies[: 2 * len(events) : 2]
+
+    def _client_of(self, node: Node) -> Redis:
+        """The pooled client of a single instance; a master's own connection on a cluster
+        (a cluster pipeline cannot WAIT on the connection it wrote on, nor stay one trip)."""
+        if isinstance(self._redis, Redis):
+            return self._redis
+        if node not in self._nodes:
+            timeout = self._redis_settings.timeout + self._redis_settings.wait_timeout_ms / 1000
+            self._nodes[node] = self._shards.direct(node, "relay", read_timeout=timeout)
+        return self._nodes[node]
 
     async def _diverged(self, refused: list[StreamEvent]) -> set[int]:
         """Users for whom Redis refused an event id it holds *another* event under.
@@ -280,13 +350,28 @@ class Relay:
             )
 
 
+def _retryable(error: Exception) -> bool:
+    """Whether a failed publication should simply be tried again (after a sweep)."""
+    if isinstance(error, ResponseError):
+        return str(error).startswith(RETRY_REPLIES)
+    return isinstance(error, (*REDIS_DOWN, RedisClusterException))
+
+
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """The doorbell and the relay loop run in every replica; only the leader publishes."""
     settings = app[keys.SETTINGS]
     keyspace = app[keys.KEYSPACE]
     redis = app[keys.REDIS]
     doorbell = Doorbell(redis, keyspace.doorbell())
-    relay = Relay(settings.postgres, settings.relay, settings.stream, redis, keyspace)
+    relay = Relay(
+        settings.postgres,
+        settings.relay,
+        settings.stream,
+        settings.redis,
+        redis,
+        app[keys.SHARDS],
+        keyspace,
+    )
     app[keys.DOORBELL] = doorbell
     app[keys.RELAY] = relay
     tasks = [

@@ -153,7 +153,7 @@ class Readiness(_Out):
     checks: Annotated[
         dict[Literal["postgres", "redis", "live"], bool],
         Field(
-            description="Which dependency answers (`live`: this replica's hub tails the"
-            " firehose); empty while draining."
+            description="Which dependency answers (`live`: this replica's hub hears every"
+            " Redis master); empty while draining."
         ),
     ]

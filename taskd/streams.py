@@ -11,9 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
@@ -22,6 +20,7 @@ from taskd.config import RedisSettings
 from taskd.models import OutboxEvent, Task
 from taskd.responses import task_body, timestamp
 from taskd.schemas import BIGINT_MAX, DESCRIPTION_MAX, TITLE_MAX
+from taskd.shards import RedisClient, Shards, make_redis
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,11 @@ REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 
 class RedisKeys:
-    """Redis key names, all under the configured namespace, spelled out only here."""
+    """Redis key names, all under the configured namespace, spelled out only here.
+
+    A user's keys share the hash tag `{<ns>:u<id>}`: on a Redis Cluster they sit in one slot,
+    so the stream entry and the live message of an event go to one master in one pipeline.
+    """
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
@@ -40,11 +43,19 @@ class RedisKeys:
 
     def events(self, user_id: int) -> str:
         """The user's stream: entry ids are the dense event ids `<n>-0`."""
-        return f"{self.namespace}:events:{user_id}"
+        return f"{{{self.namespace}:u{user_id}}}:events"
 
-    def firehose(self) -> str:
-        """Every user's events, for the hubs to tail with one read per process."""
-        return f"{self.namespace}:firehose"
+    def live(self, user_id: int) -> str:
+        """The user's shard channel (SPUBLISH): their events as they are published."""
+        return f"{{{self.namespace}:u{user_id}}}:live"
+
+    def user_of_live(self, channel: bytes) -> int | None:
+        """The user whose `live` channel this is; None for any other channel."""
+        head = f"{{{self.namespace}:u".encode()
+        if not (channel.startswith(head) and channel.endswith(b"}:live")):
+            return None
+        digits = channel[len(head) : -len(b"}:live")]
+        return int(digits) if digits.isdigit() else None
 
     def doorbell(self) -> str:
         """Pub/Sub channel that wakes the relay after a commit."""
@@ -54,28 +65,10 @@ class RedisKeys:
         """Pub/Sub channel announcing `<user>:<generation>`: that user's older logins ended."""
         return f"{self.namespace}:cutoffs"
 
-    def pattern(self) -> str:
-        """Every key of this namespace (for tests and tooling)."""
-        return f"{self.namespace}:*"
-
-
-def make_redis(settings: RedisSettings) -> Redis:
-    """A pooled client: bounded connections, short timeouts and at most one retry.
-
-    RESP3 is pinned because reply shapes differ between protocols; the pool blocks (briefly)
-    rather than raising when every connection is busy (redis-py issue 2517).
-    """
-    pool = BlockingConnectionPool.from_url(
-        settings.url.get_secret_value(),
-        max_connections=settings.max_connections,
-        timeout=settings.timeout,
-        socket_timeout=settings.timeout,
-        socket_connect_timeout=settings.timeout,
-        protocol=3,
-        retry=Retry(NoBackoff(), 1),
-        client_name=f"taskd:{settings.namespace}",  # CLIENT LIST shows whose connections
-    )
-    return Redis(connection_pool=pool)
+    def patterns(self) -> tuple[str, str]:
+        """Every key of this namespace (for tests and tooling): the shared ones and the
+        users' tagged ones. (Earlier versions' `<ns>:events:<id>` and `<ns>:firehose` too.)"""
+        return f"{self.namespace}:*", f"{{{self.namespace}:u*"
 
 
 async def forget_namespace(settings: RedisSettings) -> int:
@@ -83,11 +76,11 @@ async def forget_namespace(settings: RedisSettings) -> int:
     left by another database under the same namespace would be taken for this one's."""
     client = make_redis(settings)
     try:
-        doomed = [
-            key async for key in client.scan_iter(match=RedisKeys(settings.namespace).pattern())
-        ]
+        doomed = []
+        for pattern in RedisKeys(settings.namespace).patterns():
+            doomed += [key async for key in client.scan_iter(match=pattern)]
         for start in range(0, len(doomed), 500):
-            await client.delete(*doomed[start : start + 500])
+            await client.delete(*doomed[start : start + 500])  # split by slot on a cluster
         return len(doomed)
     finally:
         await client.aclose()
@@ -95,9 +88,12 @@ async def forget_namespace(settings: RedisSettings) -> int:
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """One client per process; a Redis that is down at start-up is not fatal."""
-    client = make_redis(app[keys.SETTINGS].redis)
+    settings = app[keys.SETTINGS].redis
+    client = make_redis(settings)
     app[keys.REDIS] = client
+    app[keys.SHARDS] = Shards(settings, client)
     try:
+        await app[keys.SHARDS].ready()
         await client.ping()
     except REDIS_DOWN as exc:
         log.warning("redis not reachable at start-up (%s); carrying on without it", exc)
@@ -105,7 +101,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await client.aclose()
-        await client.connection_pool.disconnect()
+        if isinstance(client, Redis):
+            await client.connection_pool.disconnect()
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -143,8 +140,8 @@ def parse_event_id(raw: str) -> int | None:
 class StreamEvent:
     """One event of one user: `data` is the JSON sent to clients, serialised once.
 
-    `data` is None for a firehose reference to an event too big to copy there: the reader
-    takes it from the user's stream (`read_events`).
+    `data` is None for a live message's reference to an event too big to copy there: the reader
+    takes it from the user's stream (`StreamReader`).
     """
 
     user_id: int
@@ -174,12 +171,22 @@ def entry_fields(event: StreamEvent) -> dict[FieldT, EncodableT]:
     return {"user": event.user_id, "seq": event.seq, "type": event.type, "data": event.data}
 
 
-def firehose_fields(event: StreamEvent, inline_bytes: int) -> dict[FieldT, EncodableT]:
-    """What it carries in the firehose: everything, or for a big event only a reference, so
-    that the firehose's size is bounded by its length (README, "Memory bounds")."""
-    if event.data is not None and len(event.data.encode()) <= inline_bytes:
-        return entry_fields(event)
-    return {"user": event.user_id, "seq": event.seq, "type": event.type}
+def live_message(event: StreamEvent, inline_bytes: int) -> bytes:
+    """What it carries on its user's live channel: `<user> <seq> <type>` and a newline, then
+    the event, or for a big one nothing (a reference: the hub reads it from the stream), so
+    that a burst of big events cannot fill the Pub/Sub buffers (README, "Memory bounds")."""
+    head = f"{event.user_id} {event.seq} {event.type}\n".encode()
+    data = event.data.encode() if event.data is not None else b""
+    return head + data if len(data) <= inline_bytes else head
+
+
+def event_from_message(message: bytes) -> StreamEvent:
+    """The event of a live message (ValueError when it is not one)."""
+    head, sep, data = message.partition(b"\n")
+    user, seq, kind = head.decode().split(" ")
+    if not sep:
+        raise ValueError("no header")
+    return StreamEvent(int(user), int(seq), kind, data.decode() if data else None)
 
 
 def event_from_entry(fields: Mapping[bytes, bytes]) -> StreamEvent:
@@ -236,7 +243,7 @@ end
 class StreamReader:
     """Reads one user's stream after a position, in slices bounded by bytes and count."""
 
-    def __init__(self, redis: Redis, keyspace: RedisKeys, budget: int, limit: int) -> None:
+    def __init__(self, redis: RedisClient, keyspace: RedisKeys, budget: int, limit: int) -> None:
         self._script = redis.register_script(READ_SLICE)
         self._keys = keyspace
         self._budget = budget

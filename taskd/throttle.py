@@ -7,10 +7,9 @@ import math
 import time
 from collections import OrderedDict
 
-from redis.asyncio import Redis
-
 from taskd.config import ThrottleSettings
 from taskd.errors import Throttled
+from taskd.shards import RedisClient
 from taskd.streams import REDIS_DOWN, RedisKeys
 
 log = logging.getLogger(__name__)
@@ -19,7 +18,7 @@ log = logging.getLogger(__name__)
 class Throttle:
     """Count attempts per (scope, identity) in windows of `window` seconds."""
 
-    def __init__(self, redis: Redis, keys: RedisKeys, settings: ThrottleSettings) -> None:
+    def __init__(self, redis: RedisClient, keys: RedisKeys, settings: ThrottleSettings) -> None:
         self._redis = redis
         self._keys = keys
         self._window = settings.window
@@ -40,9 +39,11 @@ class Throttle:
             raise Throttled(max(1, math.ceil((window + 1) * self._window - now)))
 
     async def _count_in_redis(self, key: str) -> int:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # One round trip; no MULTI (a cluster's is slow, and one key needs none): a counter
+        # that missed its EXPIRE (a crash between the two) is for a window that has passed.
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.incr(key)
-            pipe.expire(key, self._window + 1)
+            pipe.expire(key, self._window + 1, nx=True)
             count, _ = await pipe.execute()
         return int(count)
 

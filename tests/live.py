@@ -13,6 +13,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from taskd.config import Settings
+from taskd.streams import RedisKeys
 
 WAIT = 15.0  # upper bound for an awaited event; tests never sleep for a fixed time
 
@@ -106,7 +107,7 @@ async def raw_redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 async def trim_events(settings: Settings, user_id: int, keep: int) -> None:
     """What MAXLEN trimming or a Redis that lost its tail leaves: old entries gone."""
     async with raw_redis(settings) as redis:
-        key = f"{settings.redis.namespace}:events:{user_id}"
+        key = RedisKeys(settings.redis.namespace).events(user_id)
         await redis.xtrim(key, maxlen=keep, approximate=False)
 
 

@@ -17,6 +17,7 @@ import aiohttp
 import devtools
 from taskd.cli import DEV_NEEDS_CHECKOUT
 from taskd.config import Settings
+from taskd.streams import RedisKeys
 from tests.conftest import PASSWORD, PROJECT, admin_execute, with_dbname
 from tests.live import raw_redis
 
@@ -126,7 +127,7 @@ async def test_migrate_of_a_new_schema_clears_stale_events_from_its_namespace(
             "TASKD_REDIS_URL": services.redis_url,
             "TASKD_REDIS_NAMESPACE": settings.redis.namespace,
         }
-        stale = f"{settings.redis.namespace}:events:1"
+        stale = RedisKeys(settings.redis.namespace).events(1)
         async with raw_redis(settings) as redis:
             await redis.xadd(stale, {"data": "from another database"}, id="7-0")
             proc = await run_taskd("migrate", env=env, cwd=tmp_path)

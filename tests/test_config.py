@@ -82,3 +82,24 @@ def test_public_url() -> None:
     for bad in ("tasks.example.com", "ftp://x", "https://x/path"):
         with pytest.raises(ConfigError, match="public_url"):
             load_settings(PROJECT / "config.toml", env={"TASKD_HTTP_PUBLIC_URL": bad})
+
+
+def test_retired_keys_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config file from before the live channels still loads; the renamed key carries over."""
+    path = tmp_path / "old.toml"
+    path.write_text("[stream]\nfirehose_maxlen = 5\nfirehose_inline_bytes = 1024\n")
+    settings = load_settings(path, env={"TASKD_STREAM_HUB_BATCH": "7"})
+    assert settings.stream.live_inline_bytes == 1024
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "firehose_maxlen is ignored" in warned and "hub_batch is ignored" in warned
+
+
+def test_cluster_nodes_are_host_and_port(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    nodes = load_settings(path, env={"TASKD_REDIS_CLUSTER_NODES": "a:7000, b:7001"})
+    assert nodes.redis.cluster_nodes == ("a:7000", "b:7001")
+    with pytest.raises(ConfigError):
+        load_settings(path, env={"TASKD_REDIS_CLUSTER_NODES": "a:70000"})

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from taskd.app import create_app
 from taskd.config import Settings
 from taskd.store.events import LEADER_LOCK
+from taskd.streams import RedisKeys
 from tests.conftest import PASSWORD, ClientFactory, User, register_and_login
 from tests.live import raw_redis
 from tests.test_events_faults import eventually
@@ -77,7 +78,7 @@ async def test_everything_of_the_account_goes_and_a_new_one_of_its_name_starts_a
     task = await alice.create_task("mine")
     await alice.call("PATCH", f"/api/tasks/{task['id']}/", {"done": True})
     assert [e.id for e in await alice.events(after="0-0", count=2)] == ["1-0", "2-0"]
-    stream = f"{settings.redis.namespace}:events:{alice.id}"
+    stream = RedisKeys(settings.redis.namespace).events(alice.id)
     async with raw_redis(settings) as redis:
         assert await redis.exists(stream)
     await alice.call("POST", "/api/tasks/", {"title": "keyed"}, headers={"Idempotency-Key": "k"})
@@ -125,27 +126,30 @@ async def test_a_deleted_accounts_events_in_flight_leave_no_stream_behind(
 ) -> None:
     """The relay read the account's events before the deletion and publishes them after it
     (which creates the stream again): it then deletes the stream."""
-    with no_relay(settings):
-        client = await aiohttp_client(create_app(settings))
-        user = await register_and_login(client, "racer")
-        for n in range(3):
-            await user.create_task(f"t{n}")
-        conn = psycopg2.connect(settings.postgres.dsn.get_secret_value())
-        try:
-            with conn, conn.cursor() as cur:  # the account goes; the rows the relay read stay
-                cur.execute("DELETE FROM users WHERE id = %s", (user.id,))
-        finally:
-            conn.close()
     ns = settings.redis.namespace
+    async with raw_redis(settings) as redis, redis.pubsub() as channel:
+        with no_relay(settings):
+            client = await aiohttp_client(create_app(settings))
+            user = await register_and_login(client, "racer")
+            await channel.ssubscribe(RedisKeys(ns).live(user.id))
+            for n in range(3):
+                await user.create_task(f"t{n}")
+            conn = psycopg2.connect(settings.postgres.dsn.get_secret_value())
+            try:
+                with conn, conn.cursor() as cur:  # the account goes; the rows the relay read stay
+                    cur.execute("DELETE FROM users WHERE id = %s", (user.id,))
+            finally:
+                conn.close()
+        published = 0
 
-    async def published_and_forgotten() -> bool:
-        async with raw_redis(settings) as redis:
-            firehose = await redis.xrange(f"{ns}:firehose")
-            published = sum(int(fields[b"user"]) == user.id for _, fields in firehose)
-            stream_left = await redis.exists(f"{ns}:events:{user.id}")
-        return published == 3 and rows_of(settings, user.id)["outbox"] == 0 and not stream_left
+        async def published_and_forgotten() -> bool:
+            nonlocal published
+            while message := await channel.get_message(timeout=0.01):
+                published += message["type"] == "smessage"
+            stream_left = await redis.exists(RedisKeys(ns).events(user.id))
+            return published == 3 and rows_of(settings, user.id)["outbox"] == 0 and not stream_left
 
-    await eventually(published_and_forgotten)
+        await eventually(published_and_forgotten)
 
 
 async def test_deleting_on_one_replica_ends_the_streams_and_tokens_on_the_other(

@@ -12,8 +12,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from taskd import keys
 from taskd.app import create_app
 from taskd.config import Settings
+from taskd.streams import RedisKeys
 from tests.conftest import ClientFactory, SettingsFactory, User, UserFactory, register_and_login
 from tests.live import WAIT, SseStream, raw_redis, trim_events
 
@@ -190,12 +192,14 @@ async def test_resume_into_a_gap_before_a_full_batch_resets_then_goes_live(
     assert live.id == "13-0"
 
 
-async def test_a_foreign_firehose_entry_does_not_stop_the_hub(
+async def test_a_foreign_message_on_a_live_channel_does_not_stop_the_hub(
     alice: User, settings: Settings
 ) -> None:
-    async with raw_redis(settings) as redis:
-        await redis.xadd(f"{settings.redis.namespace}:firehose", {"junk": "1"})
     async with alice.sse() as stream:
+        async with raw_redis(settings) as redis:
+            channel = RedisKeys(settings.redis.namespace).live(alice.id)
+            for junk in (b"junk", b"1 x y\n{}", b"\xff\xfe"):
+                await redis.spublish(channel, junk)
         await alice.create_task("still flowing")
         (event,) = await stream.take(1)
     assert event.id == "1-0"
@@ -409,21 +413,29 @@ async def test_redis_connections_do_not_grow_with_clients(
                 response.close()
 
 
-async def test_a_hub_that_falls_behind_the_firehose_ends_its_streams(
+async def test_events_published_while_the_hubs_connection_was_away_are_delivered(
     aiohttp_client: ClientFactory, make_settings: SettingsFactory
 ) -> None:
-    settings = make_settings(stream={"hub_batch": 5})
+    """Pub/Sub keeps nothing for a connection that is away: once the hub hears the channel
+    again, its subscribers are resynced from the stream, in order, with nothing missing."""
+    settings = make_settings()
     client = await aiohttp_client(create_app(settings))
-    user = await register_and_login(client, "behind")
-    firehose = f"{settings.redis.namespace}:firehose"
+    user = await register_and_login(client, "resync")
+    hub = client.app[keys.HUB]
     async with user.sse() as stream:
-        async with raw_redis(settings) as redis, redis.pipeline(transaction=True) as pipe:
-            # In one transaction: a burst, then a trim the hub cannot have read past.
-            for seq in range(1, 51):
-                pipe.xadd(firehose, {"user": 0, "seq": seq, "type": "task.created", "data": "{}"})
-            pipe.xtrim(firehose, maxlen=10, approximate=False)
-            await pipe.execute()
-        # Its subscribers may have missed events: the stream ends so that the client resumes.
-        assert await stream.ends() == []
-    await user.create_task("after")
-    assert [e.id for e in await user.events(after="0-0", count=1)] == ["1-0"]
+        await user.create_task("before")
+        (first,) = await stream.take(1)
+        async with raw_redis(settings) as redis:
+            # The hub's connections are the ones named taskd:<ns>:hub; they are killed, and
+            # events are published before they are back.
+            name = f"taskd:{settings.redis.namespace}:hub"
+            listed = await redis.client_list()
+            hubs = [c["id"] for c in listed if c.get("name") == name]
+            assert hubs
+            for client_id in hubs:
+                await redis.client_kill_filter(_id=client_id)
+        for n in range(3):
+            await user.create_task(f"while away {n}")
+        rest = await stream.take(3)
+        assert hub.connected
+    assert [e.id for e in (first, *rest)] == ["1-0", "2-0", "3-0", "4-0"]

@@ -21,6 +21,7 @@ from taskd import keys
 from taskd.app import create_app
 from taskd.config import Settings
 from taskd.db import migrate_dsn
+from taskd.streams import RedisKeys
 from tests.conftest import PROJECT, ClientFactory, SettingsFactory, User, register_and_login
 from tests.live import WAIT, raw_redis
 from tests.replicas import RECOVERY, Replica
@@ -208,7 +209,7 @@ async def test_one_users_unpublishable_events_do_not_hold_up_others(
     other = await register_and_login(client, "other")
     async with raw_redis(settings) as redis:
         # A key of the wrong type where the user's stream should be: Redis refuses the XADD.
-        await redis.set(f"{settings.redis.namespace}:events:{stuck.id}", "not a stream")
+        await redis.set(RedisKeys(settings.redis.namespace).events(stuck.id), "not a stream")
         await stuck.create_task("cannot be published")
         async with other.sse() as stream:
             await other.create_task("published anyway")

@@ -1,5 +1,5 @@
 """What one live connection may cost: catch-up in byte-bounded slices, byte-bounded queues,
-a cap on connections per user, and big events carried by reference through the firehose."""
+a cap on connections per user, and big events carried by reference through the live channel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from taskd.app import create_app
 from taskd.config import StreamSettings
 from taskd.feed import Feed
 from taskd.hub import Subscription
-from taskd.streams import StreamEvent, max_event_bytes
+from taskd.streams import RedisKeys, StreamEvent, max_event_bytes
 from tests.conftest import ClientFactory, SettingsFactory, User, register_and_login
 from tests.live import WAIT, raw_redis
 
@@ -101,35 +101,37 @@ async def test_connections_per_user_are_capped_per_replica(
         pass
 
 
-async def test_a_big_event_travels_the_firehose_as_a_reference(
+async def test_a_big_event_travels_the_live_channel_as_a_reference(
     aiohttp_client: ClientFactory, make_settings: SettingsFactory
 ) -> None:
     settings = make_settings()
     client = await aiohttp_client(create_app(settings))
     user = await register_and_login(client, "bulky")
-    description = "y" * (settings.stream.firehose_inline_bytes + 1)
-    async with user.sse() as stream:
-        await user.create_task("big", description=description)
-        await user.create_task("small")
-        big, small = await stream.take(2)
+    description = "y" * (settings.stream.live_inline_bytes + 1)
+    async with raw_redis(settings) as redis, redis.pubsub() as channel:
+        await channel.ssubscribe(RedisKeys(settings.redis.namespace).live(user.id))
+        async with user.sse() as stream:
+            await user.create_task("big", description=description)
+            await user.create_task("small")
+            big, small = await stream.take(2)
+        messages = []
+        async with asyncio.timeout(WAIT):
+            while len(messages) < 2:
+                message = await channel.get_message(timeout=1)
+                if message is not None and message["type"] == "smessage":
+                    messages.append(message["data"])
     assert big.json["task"]["description"] == description
     assert small.json["task"]["title"] == "small"
-    async with raw_redis(settings) as redis:
-        entries = await redis.xrange(f"{settings.redis.namespace}:firehose")
-    data = [b"data" in fields for _, fields in entries]
-    assert data == [False, True]
+    # The big one's message is its header alone; the small one's carries the event.
+    assert [m.partition(b"\n")[2] != b"" for m in messages] == [False, True]
 
 
-def test_defaults_bound_one_users_stream_and_the_firehose_to_64_mib() -> None:
-    """The README's formula, with the defaults: maxlen x the biggest event, and
-    firehose_maxlen (plus approximate trimming's slack) x the biggest inline entry."""
+def test_defaults_bound_one_users_stream_to_64_mib() -> None:
+    """The README's formula, with the defaults: maxlen x the biggest event."""
     stream = StreamSettings()
     # Redis' overhead per entry, measured with MEMORY USAGE: allocator size classes round a
-    # big entry's node up by about 4.2 kB, an inline-sized one by about 1.3 kB.
+    # big entry's node up by about 4.2 kB.
     assert stream.maxlen * (max_event_bytes() + 4_300) <= 64 * MiB
-    slack = 100  # stream-node-max-entries: what `MAXLEN ~` may leave on top
-    inline = stream.firehose_inline_bytes + 1_400
-    assert (stream.firehose_maxlen + slack) * inline <= 64 * MiB
 
 
 async def test_a_users_stream_is_trimmed_exactly_and_its_memory_follows(
@@ -142,7 +144,7 @@ async def test_a_users_stream_is_trimmed_exactly_and_its_memory_follows(
     await make_big_tasks(user, maxlen + 4)
     await user.events(after=f"{maxlen + 3}-0", count=1)  # the last one is published
     async with raw_redis(settings) as redis:
-        key = f"{settings.redis.namespace}:events:{user.id}"
+        key = RedisKeys(settings.redis.namespace).events(user.id)
         assert await redis.xlen(key) == maxlen
         used = await redis.memory_usage(key, samples=0)
     assert used <= maxlen * (max_event_bytes() + 4_300) + 64 * 1024

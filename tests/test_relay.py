@@ -11,6 +11,7 @@ import psycopg2
 from taskd import store
 from taskd.app import create_app
 from taskd.config import Settings
+from taskd.streams import RedisKeys
 from tests.conftest import ClientFactory, SettingsFactory, register_and_login
 from tests.live import raw_redis
 
@@ -81,7 +82,7 @@ async def test_a_sequence_behind_redis_never_reuses_an_id(
         while items[-1].event != "reset":
             items += await stream.take(1)
     async with raw_redis(settings) as redis:
-        entries = await redis.xrange(f"{settings.redis.namespace}:events:{user.id}")
+        entries = await redis.xrange(RedisKeys(settings.redis.namespace).events(user.id))
     held = {
         int(entry_id.split(b"-")[0]): json.loads(fields[b"data"]) for entry_id, fields in entries
     }
