@@ -93,7 +93,8 @@ def test_retired_keys_are_ignored_with_a_warning(
     settings = load_settings(path, env={"TASKD_STREAM_HUB_BATCH": "7"})
     assert settings.stream.live_inline_bytes == 1024
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "firehose_maxlen is ignored" in warned and "hub_batch is ignored" in warned
+    assert "firehose_maxlen is ignored" in warned
+    assert "hub_batch is ignored" in warned
 
 
 def test_cluster_nodes_are_host_and_port(tmp_path: Path) -> None:
