@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "relay": 3,
     "hub": 3,
     "feed": 3,
+    "keepalive": 3,
     "metrics": 3,
     "forwarded": 3,
     "views": 4,
