@@ -17,6 +17,7 @@ from taskd.db import pg_pool_ctx
 from taskd.errors import render_error
 from taskd.forwarded import client_view
 from taskd.hub import end_streams, hub_ctx
+from taskd.keepalive import keepalive_ctx
 from taskd.logs import add_request_id, bind_request_id, request_id
 from taskd.metrics import Metrics, count_request
 from taskd.openapi import document_bytes
@@ -114,6 +115,7 @@ def create_app(settings: Settings, processes: int = 1) -> web.Application:
     app.cleanup_ctx.append(throttle_ctx)
     app.cleanup_ctx.append(relay_ctx)
     app.cleanup_ctx.append(hub_ctx)
+    app.cleanup_ctx.append(keepalive_ctx)
     app.cleanup_ctx.append(cutoffs_ctx)
     app.on_shutdown.append(end_streams)
     add_routes(app)

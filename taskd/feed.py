@@ -115,6 +115,11 @@ class Feed:
     def close(self) -> None:
         self._hub.unsubscribe(self._sub)
 
+    def end(self, reason: str) -> None:
+        """End the feed from outside the task reading it (its client is gone): a `next`
+        waiting or to come raises `Closed(reason)`."""
+        self._sub.close(reason)
+
     @property
     def buffered_bytes(self) -> int:
         """What this feed holds for its client beyond the subscription's queue."""

@@ -29,7 +29,7 @@ from taskd.streams import (
 log = logging.getLogger(__name__)
 
 # Seconds a client over `stream.max_per_user` is asked to wait: connections of a user that
-# went away (a closed tab) are noticed by the second ping that fails, within two intervals.
+# went away (a closed tab) are noticed by their next ping (`keepalive`), within an interval.
 BUSY_RETRY_AFTER = 5
 # Why a subscription was ended when its user's logins ended (`cutoffs`): the client is told
 # `reauth` (WebSocket: close 4001), and its reconnect with the old token is refused.

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from taskd.auth import Passwords, Tokens
     from taskd.cutoffs import Cutoffs
     from taskd.hub import Hub
+    from taskd.keepalive import Keepalive
     from taskd.metrics import Metrics
     from taskd.relay import Doorbell, Relay
     from taskd.shards import RedisClient, Shards
@@ -33,6 +34,7 @@ THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
 DOORBELL: web.AppKey[Doorbell] = web.AppKey("doorbell")
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 HUB: web.AppKey[Hub] = web.AppKey("hub")
+KEEPALIVE: web.AppKey[Keepalive] = web.AppKey("keepalive")  # the ping sweep of live connections
 STREAM_READER: web.AppKey[StreamReader] = web.AppKey("stream_reader")  # users' history
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 OPENAPI = web.AppKey("openapi", bytes)  # the served document; the table it describes names views

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "hub": 3,
     "listener": 3,
     "feed": 3,
+    "keepalive": 3,
     "metrics": 3,
     "forwarded": 3,
     "views": 4,

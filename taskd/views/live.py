@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,10 +13,10 @@ from aiohttp import WSMsgType, web
 from aiohttp_sse import EventSourceResponse
 
 from taskd import keys
-from taskd.config import StreamSettings
 from taskd.errors import ApiError, Forbidden, LoginEnded
 from taskd.feed import Feed, Item, ResetNotice, payload
 from taskd.hub import LOGIN_ENDED, Closed
+from taskd.keepalive import Kept
 from taskd.streams import REDIS_DOWN, event_id
 from taskd.views.common import public_origin
 
@@ -32,13 +31,42 @@ SHUTDOWN_RETRY_MS = 250
 # The status counted for a stream whose client left before it started (nginx's "client closed
 # request"); nobody receives it, and a 500 would blame the service.
 CLIENT_GONE = 499
+# Why the keepalive sweep ended a stream: its ping could not be written (the client left).
+PING_FAILED = "ping failed"
+# aiohttp-sse starts a ping task per response in `prepare` (`is_connected` and
+# `stop_streaming` rely on it; it cannot be left out): with this period it only sleeps, and
+# the keepalive sweep writes the pings, the ones aiohttp-sse writes.
+SSE_OWN_PING_INTERVAL = 10 * 365 * 24 * 3600.0
+SSE_PING = f": ping{EventSourceResponse.DEFAULT_SEPARATOR * 2}".encode()
 
 
-def _ping_interval(settings: StreamSettings) -> float:
-    """This connection's ping period: at most the configured one, spread over its last
-    quarter, so that the pings and timers of thousands of connections opened together do not
-    all fire at once (that stalled a replica for most of a second at 10,000)."""
-    return settings.ping_interval * random.uniform(0.75, 1.0)
+class _SseKept(Kept):
+    __slots__ = ("_feed", "_resp")
+
+    def __init__(self, request: web.Request, resp: EventSourceResponse, feed: Feed) -> None:
+        super().__init__(request.transport)
+        self._resp = resp
+        self._feed = feed
+
+    async def ping(self) -> None:
+        # Each write reaches the transport whole before any await, and an event is one write
+        # (`send`): a ping lands between two events, never inside one. No lock needed.
+        await self._resp.write(SSE_PING)
+
+    def lost(self) -> None:
+        self._feed.end(PING_FAILED)  # the handler waits for the feed: wake it
+
+
+class _WsKept(Kept):
+    __slots__ = ("_socket",)
+    answers = True
+
+    def __init__(self, request: web.Request, socket: web.WebSocketResponse) -> None:
+        super().__init__(request.transport)
+        self._socket = socket
+
+    async def ping(self) -> None:
+        await self._socket.ping()  # a control frame, written whole (events are frames too)
 
 
 async def _open_feed(request: web.Request, kind: str, resume: str | None) -> Feed:
@@ -62,16 +90,17 @@ def _resume_id(request: web.Request, header: bool) -> str | None:
 async def _pump(
     feed: Feed,
     expires_at: int,
-    ping_interval: float,
     connected: Callable[[], bool],
     send: Callable[[Item], Awaitable[None]],
 ) -> bool:
-    """Send items until the token expires (True) or the client goes away (False)."""
+    """Send items until the token expires (True) or the client goes away (False). Between
+    items it sleeps until the token expires: the keepalive sweep pings, and ends the feed of
+    a client it finds gone."""
     while connected():
         remaining = expires_at - time.time()
         if remaining <= 0:
             return True
-        item = await feed.next(wait=min(remaining, ping_interval))
+        item = await feed.next(wait=remaining)
         if item is not None:
             await send(item)
     return False
@@ -80,14 +109,18 @@ async def _pump(
 async def sse(request: web.Request) -> web.StreamResponse:
     settings = request.app[keys.SETTINGS].stream
     feed = await _open_feed(request, "sse", _resume_id(request, header=True))
-    ping_interval = _ping_interval(settings)
-    resp = EventSourceResponse(ping_interval=ping_interval, send_timeout=settings.send_timeout)
+    resp = EventSourceResponse(
+        ping_interval=SSE_OWN_PING_INTERVAL, send_timeout=settings.send_timeout
+    )
     if request.transport is None:  # the client left while its feed opened
         feed.close()
         return web.Response(status=CLIENT_GONE)
+    keepalive = request.app[keys.KEEPALIVE]
+    kept = _SseKept(request, resp, feed)
     try:
         await resp.prepare(request)
         await resp.write(f"retry: {settings.retry_ms}\n\n".encode())
+        keepalive.add(kept)
 
         async def send(item: Item) -> None:
             if isinstance(item, ResetNotice):
@@ -95,13 +128,11 @@ async def sse(request: web.Request) -> web.StreamResponse:
             else:
                 await resp.send(payload(item), id=event_id(item.seq), event=item.type)
 
-        expired = await _pump(
-            feed, request[keys.TOKEN_EXPIRES], ping_interval, resp.is_connected, send
-        )
+        expired = await _pump(feed, request[keys.TOKEN_EXPIRES], resp.is_connected, send)
         if expired:
             await resp.send(REAUTH, event="reauth")
     except Closed as closed:
-        log.debug("sse stream closed by the hub: %s", closed)
+        log.debug("sse stream closed: %s", closed)
         if closed.args and closed.args[0] == LOGIN_ENDED:
             with contextlib.suppress(ConnectionResetError):
                 await resp.send(REAUTH, event="reauth")
@@ -113,7 +144,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
         # Headers are out: end the stream; the client resumes with its Last-Event-ID.
         log.info("sse stream ended: %r", exc)
     finally:
+        keepalive.discard(kept)
         feed.close()
+        if resp.prepared:
+            resp.stop_streaming()  # its own ping task, which would sleep on for years
     return resp
 
 
@@ -130,9 +164,14 @@ async def ws(request: web.Request) -> web.StreamResponse:
     _check_origin(request)
     settings = request.app[keys.SETTINGS].stream
     feed = await _open_feed(request, "ws", _resume_id(request, header=False))
-    ping_interval = _ping_interval(settings)
-    socket = web.WebSocketResponse(heartbeat=ping_interval, max_msg_size=64 * 1024)
-    lock = asyncio.Lock()  # the reader answers pings while the writer sends events
+    # No heartbeat: the keepalive sweep pings. No autoping: aiohttp would answer pings and
+    # swallow pongs itself, with no public record of them; here every frame the client sends,
+    # a pong too, reaches the reader, which tells the sweep the client is alive (and answers
+    # its pings as aiohttp would).
+    socket = web.WebSocketResponse(heartbeat=None, autoping=False, max_msg_size=64 * 1024)
+    keepalive = request.app[keys.KEEPALIVE]
+    kept = _WsKept(request, socket)
+    lock = asyncio.Lock()  # the reader answers JSON pings while the writer sends events
 
     async def send_text(text: str) -> None:
         async with lock, asyncio.timeout(settings.send_timeout):
@@ -144,7 +183,6 @@ async def ws(request: web.Request) -> web.StreamResponse:
             expired = await _pump(
                 feed,
                 request[keys.TOKEN_EXPIRES],
-                ping_interval,
                 lambda: not socket.closed,
                 lambda item: send_text(payload(item)),
             )
@@ -170,15 +208,23 @@ async def ws(request: web.Request) -> web.StreamResponse:
     writer = None
     try:
         await socket.prepare(request)
+        keepalive.add(kept)
         writer = asyncio.create_task(write())
         async for message in socket:
-            if message.type == WSMsgType.TEXT and _is_ping(message.data):
+            kept.heard()
+            if message.type == WSMsgType.PING:
+                async with asyncio.timeout(settings.send_timeout):
+                    await socket.pong(message.data)
+            elif message.type == WSMsgType.PONG:
+                continue  # heard: all a pong says
+            elif message.type == WSMsgType.TEXT and _is_ping(message.data):
                 await send_text(PONG)
             else:
                 await send_text(json.dumps({"type": "error", "detail": "Unsupported message."}))
     except (ConnectionResetError, TimeoutError) as exc:
         log.debug("websocket reader ended: %r", exc)
     finally:
+        keepalive.discard(kept)
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
