@@ -179,15 +179,20 @@ class Feed:
             return await store.stream_state(cur, self._sub.user_id)
 
     async def _read(self) -> bool:
-        """Queue one slice of what follows `last` in the user's stream; whether more may."""
+        """Queue one slice of what follows `last` in the user's stream; whether more may
+        follow, or something is missing after what was queued (the next read decides)."""
         events, more = await self._reader.after(self._sub.user_id, self.last)
+        beyond = False  # a hole inside the stream: a failover lost a master's last writes
         for event in events:
             if event.seq == self.last + 1:
                 self.last = event.seq
                 self._ready.append(event)
+            elif event.seq > self.last + 1:
+                beyond = True
+                break
         self._forget_through(self.last)
         self._advance()
-        return more
+        return more or beyond
 
     async def _fill(self) -> None:
         """Read what follows `last` from the user's stream; decide about anything missing.

@@ -171,6 +171,26 @@ async def test_trimmed_history_gets_a_reset(alice: User, settings: Settings) -> 
     assert live.id == "4-0"
 
 
+async def test_a_hole_inside_the_stream_is_a_reset_not_a_silent_skip(
+    alice: User, settings: Settings
+) -> None:
+    """What a Redis failover to a lagging replica leaves: a stream with its newer entries
+    but not some before them. The client gets what precedes the hole, then `reset`."""
+    for i in range(5):
+        await alice.create_task(f"t{i}")
+    await alice.events(after="4-0", count=1)  # all five are published
+    async with raw_redis(settings) as redis:
+        await redis.xdel(RedisKeys(settings.redis.namespace).events(alice.id), "3-0", "4-0")
+    async with alice.sse(last_event_id="0-0") as stream:
+        one, two, reset = await stream.take(3)
+        await alice.create_task("after")
+        live = await stream.next()
+    assert [one.id, two.id] == ["1-0", "2-0"]
+    assert reset.json == {"type": "reset", "reason": "trimmed", "position": "5-0"}
+    assert live is not None
+    assert live.id == "6-0"
+
+
 async def test_resume_into_a_gap_before_a_full_batch_resets_then_goes_live(
     aiohttp_client: ClientFactory, make_settings: SettingsFactory
 ) -> None:
