@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest nginx servers bench bench-quick bench-tools chromium clean
+.PHONY: run test lint typecheck pytest test-cluster nginx servers bench bench-quick bench-tools chromium clean
 
 # `taskd dev` imports devtools/ (never in the wheel) from this directory, the checkout.
 run: $(STAMP) servers
@@ -21,6 +21,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP) nginx servers bench-tools chromium
 	$(BIN)/python -m pytest
+
+# Only the tests that start and break a private Redis Cluster (tests/test_cluster_tools.py).
+test-cluster: $(STAMP) servers
+	$(BIN)/python -m pytest -m cluster
 
 # The benchmark (bench/run.py): prints a table, writes bench/results.json and docs/bench.png.
 # Full: under 15 minutes on 2 cores; quick: smaller sizes, under 3 minutes.

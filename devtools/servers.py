@@ -13,7 +13,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import quote
@@ -109,6 +109,13 @@ class _Server:
     def running(self) -> bool:
         """Return True if the process this object started is alive."""
         return self._proc is not None and self._proc.running()
+
+    def send_signal(self, sig: int) -> None:
+        """Send sig (SIGSTOP, SIGCONT, ...) to the process this object started, and to no other."""
+        process = self._proc.process if self._proc is not None else None
+        if process is None:
+            raise RuntimeError(f"private {self.name} on 127.0.0.1:{self.port} is not running")
+        process.send_signal(sig)  # a no-op once the process has been reaped: its pid may be reused
 
     def _stop(self, sig: int) -> None:
         if self._proc is not None:
@@ -210,10 +217,16 @@ class RedisServer(_Server):
     name = "redis-server"
 
     def __init__(
-        self, base_dir: Path, port: int | None = None, *, persistent: bool = False
+        self,
+        base_dir: Path,
+        port: int | None = None,
+        *,
+        persistent: bool = False,
+        args: Sequence[str] = (),
     ) -> None:
         super().__init__(base_dir, port)
         self.persistent = persistent
+        self.args = list(args)  # more redis-server options, after (and over) the defaults
 
     @property
     def url(self) -> str:
@@ -229,6 +242,7 @@ class RedisServer(_Server):
         command = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", "."]
         persist = ["yes", "--appendfsync", "always"] if self.persistent else ["no", "--save", ""]
         command += ["--daemonize", "no", "--protected-mode", "no", "--appendonly", *persist]
+        command += self.args
         self._launch(command, lambda: redis_reachable(self.url, timeout=0.5))
 
     def stop(self) -> None:

@@ -6,6 +6,7 @@ control channels' subscriptions)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from typing import Any
@@ -21,6 +22,22 @@ from taskd.config import RedisSettings
 log = logging.getLogger(__name__)
 
 Node = tuple[str, int]  # (host, port)
+
+
+class BoundedCluster(RedisCluster):
+    """redis-py's cluster client, waiting for a connection instead of failing: its node pools
+    raise MaxConnectionsError when full (redis-py issue 2517), so at most `max_connections`
+    commands of this process are under way at once, and the rest queue here."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._slots = asyncio.Semaphore(kwargs["max_connections"])
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._slots:
+            return await super().execute_command(*args, **kwargs)
+
+
 RedisClient = Redis | RedisCluster
 
 
@@ -42,9 +59,8 @@ def _node(text: str) -> Node:
 def make_redis(settings: RedisSettings) -> RedisClient:
     """The process's pooled client: bounded connections, short timeouts, at most one retry.
 
-    RESP3 is pinned because reply shapes differ between protocols. A single instance's pool
-    blocks (briefly) rather than raising when every connection is busy (redis-py issue
-    2517); a cluster's raises, which callers count as Redis being unavailable.
+    RESP3 is pinned because reply shapes differ between protocols. Both wait (briefly) for
+    a connection rather than raise when every one is busy.
     """
     common: dict[str, Any] = {
         "socket_timeout": settings.timeout,
@@ -54,7 +70,7 @@ def make_redis(settings: RedisSettings) -> RedisClient:
         "client_name": f"taskd:{settings.namespace}",  # CLIENT LIST shows whose connections
     }
     if settings.cluster_nodes:
-        return RedisCluster(
+        return BoundedCluster(
             startup_nodes=[ClusterNode(*_node(n)) for n in settings.cluster_nodes],
             max_connections=settings.max_connections,
             # A master that is down must not stop the others' users (the cluster runs with

@@ -15,11 +15,19 @@ from taskd.streams import REDIS_DOWN, RedisKeys
 log = logging.getLogger(__name__)
 
 
+# One attempt counted: the window's counter, set to expire with its window when created.
+COUNT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
 class Throttle:
     """Count attempts per (scope, identity) in windows of `window` seconds."""
 
     def __init__(self, redis: RedisClient, keys: RedisKeys, settings: ThrottleSettings) -> None:
-        self._redis = redis
+        self._count = redis.register_script(COUNT)
         self._keys = keys
         self._window = settings.window
         self._local: OrderedDict[str, int] = OrderedDict()
@@ -39,13 +47,9 @@ class Throttle:
             raise Throttled(max(1, math.ceil((window + 1) * self._window - now)))
 
     async def _count_in_redis(self, key: str) -> int:
-        # One round trip; no MULTI (a cluster's is slow, and one key needs none): a counter
-        # that missed its EXPIRE (a crash between the two) is for a window that has passed.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, self._window + 1, nx=True)
-            count, _ = await pipe.execute()
-        return int(count)
+        # One command, atomic, on any Redis (a cluster's MULTI is slow, and its pipelines
+        # bypass the bound on connections in use).
+        return int(await self._count(keys=[key], args=[self._window + 1]))
 
     def _count_locally(self, key: str) -> int:
         count = self._local.pop(key, 0) + 1

@@ -25,6 +25,7 @@ import devtools
 from taskd.app import create_app
 from taskd.config import Settings, load_settings
 from taskd.db import migrate_dsn
+from tests.cluster import local_cluster as local_cluster
 from tests.live import SseEvent, SseStream
 from tests.replicas import Replica
 
