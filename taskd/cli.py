@@ -224,4 +224,10 @@ async def _migrate(settings: Settings) -> list[str]:
                 )
         except REDIS_DOWN as exc:
             log.warning("new schema, but redis is unreachable to clear its namespace: %s", exc)
+    else:
+        try:
+            if forgotten := await forget_namespace(settings.redis, retired_only=True):
+                log.warning("deleted %d redis key(s) of an earlier version's layout", forgotten)
+        except REDIS_DOWN as exc:
+            log.warning("redis is unreachable to clear an earlier version's keys: %s", exc)
     return applied

@@ -17,9 +17,10 @@ from aiohttp import web
 
 from taskd import db, keys, store
 from taskd.config import StreamSettings
-from taskd.hub import Closed, Hub, Subscription
+from taskd.hub import Hub
 from taskd.models import StreamState
 from taskd.streams import StreamEvent, StreamReader, event_id, parse_event_id
+from taskd.subscription import Closed, Subscription
 
 
 @dataclass(frozen=True, slots=True)

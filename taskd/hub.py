@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -23,8 +22,12 @@ from taskd.streams import (
     RedisKeys,
     StreamEvent,
     StreamReader,
+    as_entries,
+    event_from_entry,
     event_from_message,
+    event_id,
 )
+from taskd.subscription import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -37,91 +40,6 @@ LOGIN_ENDED = "reauth"
 # The hub retries a lost Redis at least this often: a stream opened meanwhile waits for it
 # (`stream.reconnect_wait`), so the retry must come sooner than that wait runs out.
 HUB_MAX_BACKOFF = 0.5
-
-
-class Closed(Exception):
-    """The hub ended this subscription (overflow, Redis lost, shutdown): the client resumes."""
-
-
-class Subscription:
-    """One live connection's inbox. Bounded in events and in bytes: overflow closes it
-    instead of growing; the client resumes from Redis. Small when idle (slots, no queue or
-    waiter until one is needed): a replica holds ten thousand of them."""
-
-    __slots__ = (
-        "_bytes",
-        "_max_bytes",
-        "_max_events",
-        "_queue",
-        "_stale",
-        "_waiter",
-        "closed",
-        "kind",
-        "user_id",
-    )
-
-    def __init__(self, user_id: int, kind: str, max_events: int, max_bytes: int) -> None:
-        self.user_id = user_id
-        self.kind = kind  # "sse" or "ws", for metrics
-        self._max_events = max_events
-        self._max_bytes = max_bytes
-        self._queue: deque[StreamEvent] | None = None
-        self._bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._stale = False
-        self.closed: str | None = None
-
-    def offer(self, event: StreamEvent) -> None:
-        if self.closed:
-            return
-        if self._queue is None:
-            self._queue = deque()
-        size = event.size
-        if len(self._queue) >= self._max_events or self._bytes + size > self._max_bytes:
-            self.close("overflow")
-            return
-        self._queue.append(event)
-        self._bytes += size
-        self._wake()
-
-    def close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = reason
-            self._queue = None
-            self._bytes = 0
-            self._wake()
-
-    def resync(self) -> None:
-        """Events may have been missed (the channel was away): the feed reads the stream."""
-        if not self.closed:
-            self._stale = True
-            self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def get(self) -> StreamEvent | None:
-        """The next event; None once after a `resync`."""
-        while not self._queue:
-            if self.closed:
-                raise Closed(self.closed)
-            if self._stale:
-                self._stale = False
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if self.closed:
-            raise Closed(self.closed)
-        if self._stale:
-            self._stale = False
-            return None
-        event = self._queue.popleft()
-        self._bytes -= event.size
-        return event
 
 
 class Hub:
@@ -258,7 +176,7 @@ class Hub:
 
     # --- what the listeners report -----------------------------------------------------
 
-    def on_message(self, user_id: int, data: bytes) -> None:
+    async def on_message(self, user_id: int, data: bytes) -> None:
         try:
             event = event_from_message(data)
         except (ValueError, UnicodeDecodeError):
@@ -267,21 +185,47 @@ class Hub:
         if event.user_id != user_id:
             log.error("hub: user %d's channel carried user %d's event", user_id, event.user_id)
             return
+        subs = self._subscribers.get(user_id)
+        if not subs:
+            return  # the last stream ended while its SUNSUBSCRIBE was on its way
         self.received += 1
-        for sub in self._subscribers.get(user_id, ()):
+        if event.data is None:
+            event = await self._resolve(event)
+        for sub in list(subs):
             sub.offer(event)
             self.delivered += 1
+
+    async def _resolve(self, event: StreamEvent) -> StreamEvent:
+        """A big event, which its channel carries as a reference, read whole from the user's
+        stream once for this replica (not once per connection); the next events of that
+        node wait, which keeps them in order. Not found (or Redis slow): it stays a
+        reference, and each feed reads the stream itself (and resets if it is gone)."""
+        seq_id = event_id(event.seq)
+        try:
+            async with asyncio.timeout(self._redis_settings.timeout):
+                found = as_entries(
+                    await self._redis.xrange(
+                        self._keys.events(event.user_id), min=seq_id, max=seq_id
+                    )
+                )
+        except REDIS_DOWN as exc:
+            log.info("hub: could not read big event %s of user %d: %r", seq_id, event.user_id, exc)
+            return event
+        return event_from_entry(found[0][1]) if found else event
 
     def on_confirmed(self, user_id: int, resync: bool) -> None:
         if resync:
             for sub in self._subscribers.get(user_id, ()):
                 sub.resync()
 
-    def on_state(self, listener: NodeListener) -> None:
+    def _update_up(self) -> None:
         if self._listeners and all(each.up for each in self._listeners.values()):
             self._up.set()
         else:
             self._up.clear()
+
+    def on_state(self, listener: NodeListener) -> None:
+        self._update_up()
         if listener.up:
             if (ending := self._ending.pop(listener.node, None)) is not None:
                 ending.cancel()
@@ -344,7 +288,7 @@ class Hub:
             if node not in masters and not listener.users:
                 del self._listeners[node]
                 asyncio.get_running_loop().create_task(listener.stop())
-        self.on_state(next(iter(self._listeners.values())))
+        self._update_up()
 
     async def stop(self) -> None:
         for listener in list(self._listeners.values()):

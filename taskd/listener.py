@@ -30,7 +30,7 @@ MAX_BACKOFF = 0.5  # a new stream waits `stream.reconnect_wait` for this: retry 
 class Owner(Protocol):
     """What a listener tells its hub."""
 
-    def on_message(self, user_id: int, data: bytes) -> None: ...
+    async def on_message(self, user_id: int, data: bytes) -> None: ...
     def on_confirmed(self, user_id: int, resync: bool) -> None: ...
     def on_state(self, listener: NodeListener) -> None: ...
     def on_trouble(self, listener: NodeListener) -> None: ...
@@ -153,14 +153,14 @@ class NodeListener:
             now = time.monotonic()
             if message is not None:
                 heard = now
-                self._handle(message)
+                await self._handle(message)
             if now - pinged >= PING_EVERY:
                 if now - heard > SILENCE:
                     raise ConnectionError("redis stopped answering on the hub's connection")
                 await pubsub.ping()
                 pinged = now
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    async def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "pong":
             return
@@ -169,7 +169,7 @@ class NodeListener:
             log.error("hub: a message on a channel it never asked for: %r", message["channel"])
             return
         if kind == "smessage":
-            self._owner.on_message(user_id, message["data"])
+            await self._owner.on_message(user_id, message["data"])
         elif kind == "ssubscribe":
             self._confirm(user_id)
         elif kind == "sunsubscribe":

@@ -70,14 +70,21 @@ class RedisKeys:
         users' tagged ones. (Earlier versions' `<ns>:events:<id>` and `<ns>:firehose` too.)"""
         return f"{self.namespace}:*", f"{{{self.namespace}:u*"
 
+    def retired(self) -> tuple[str, str]:
+        """Patterns of keys earlier versions wrote and this one never reads: the firehose and
+        the untagged user streams."""
+        return f"{self.namespace}:firehose", f"{self.namespace}:events:*"
 
-async def forget_namespace(settings: RedisSettings) -> int:
-    """Delete every key of the namespace; return how many. For a brand-new schema: events
-    left by another database under the same namespace would be taken for this one's."""
+
+async def forget_namespace(settings: RedisSettings, retired_only: bool = False) -> int:
+    """Delete every key of the namespace (or only the retired ones); return how many. For a
+    brand-new schema: events left by another database under the same namespace would be
+    taken for this one's."""
     client = make_redis(settings)
+    keyspace = RedisKeys(settings.namespace)
     try:
         doomed = []
-        for pattern in RedisKeys(settings.namespace).patterns():
+        for pattern in keyspace.retired() if retired_only else keyspace.patterns():
             doomed += [key async for key in client.scan_iter(match=pattern)]
         for start in range(0, len(doomed), 500):
             await client.delete(*doomed[start : start + 500])  # split by slot on a cluster

@@ -134,13 +134,18 @@ async def test_migrate_of_a_new_schema_clears_stale_events_from_its_namespace(
             output, _ = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, output.decode()
             assert not await redis.exists(stale)
-            # An existing schema keeps its events.
+            # An existing schema keeps its events; an earlier version's keys go.
             await redis.xadd(stale, {"data": "this database's"}, id="1-0")
+            ns = settings.redis.namespace
+            old_layout = (f"{ns}:events:1", f"{ns}:firehose")
+            for key in old_layout:
+                await redis.xadd(key, {"data": "before the shard channels"})
             proc = await run_taskd("migrate", env=env, cwd=tmp_path)
             output, _ = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, output.decode()
             assert b"none needed" in output
             assert await redis.exists(stale)
+            assert not await redis.exists(*old_layout)
     finally:
         admin_execute(services.postgres_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 

@@ -9,8 +9,8 @@ from taskd import keys
 from taskd.app import create_app
 from taskd.config import StreamSettings
 from taskd.feed import Feed
-from taskd.hub import Subscription
 from taskd.streams import RedisKeys, StreamEvent, max_event_bytes
+from taskd.subscription import Subscription
 from tests.conftest import ClientFactory, SettingsFactory, User, register_and_login
 from tests.live import WAIT, raw_redis
 

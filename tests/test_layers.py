@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "throttle": 3,
     "relay": 3,
     "hub": 3,
+    "subscription": 3,
     "listener": 3,
     "feed": 3,
     "keepalive": 3,

@@ -15,9 +15,10 @@ from aiohttp_sse import EventSourceResponse
 from taskd import keys
 from taskd.errors import ApiError, Forbidden, LoginEnded
 from taskd.feed import Feed, Item, ResetNotice, payload
-from taskd.hub import LOGIN_ENDED, Closed
+from taskd.hub import LOGIN_ENDED
 from taskd.keepalive import Kept
 from taskd.streams import REDIS_DOWN, event_id
+from taskd.subscription import Closed
 from taskd.views.common import public_origin
 
 log = logging.getLogger(__name__)
