@@ -41,3 +41,21 @@ async def _runs(schedule: GcSchedule, count: int) -> None:
     async with asyncio.timeout(10):
         while schedule.runs < count:  # noqa: ASYNC110 - the schedule is a timer
             await asyncio.sleep(0.01)
+
+
+async def test_a_burst_of_new_objects_is_collected_in_slices_not_in_one_pause() -> None:
+    """Each early run walks what the last few young collections kept, then freezes it."""
+    schedule = GcSchedule(full_every=3600)
+    schedule.start()
+    try:
+        kept = []
+        async with asyncio.timeout(10):
+            while schedule.early_runs < 3:
+                kept.append([Node() for _ in range(1000)])  # survivors, as connections are
+                await asyncio.sleep(0)
+        frozen = gc.get_freeze_count()
+        assert frozen > 3000  # what survived was frozen: the next runs do not walk it again
+        assert schedule.runs == 0  # no timed run: these came from the young collections
+    finally:
+        await schedule.stop()
+    assert gc.get_freeze_count() == 0
