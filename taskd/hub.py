@@ -70,6 +70,7 @@ class Hub:
         self._up = asyncio.Event()  # set while every listener is connected
         self._trouble = asyncio.Event()  # a listener failed or a slot moved: re-read the map
         self._ending: dict[Node, asyncio.TimerHandle] = {}  # streams on a node that is away
+        self._stopping: set[asyncio.Task[None]] = set()  # listeners of former masters
         self.delivered = 0  # events handed to subscriptions
         self.received = 0  # events heard from Redis (only those of users streaming here)
 
@@ -262,6 +263,10 @@ class Hub:
                 log.warning("hub cannot read the redis slot map yet: %r", exc)
                 await backoff.sleep()
                 continue
+            except Exception:  # a bug here must not end live updates for good
+                log.exception("hub: placing the live channels failed")
+                await backoff.sleep()
+                continue
             if self._trouble.is_set():  # reported while the map was read: once more, later
                 self._trouble.clear()
                 await backoff.sleep()
@@ -287,7 +292,9 @@ class Hub:
         for node, listener in list(self._listeners.items()):
             if node not in masters and not listener.users:
                 del self._listeners[node]
-                asyncio.get_running_loop().create_task(listener.stop())
+                stopping = asyncio.get_running_loop().create_task(listener.stop())
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
         self._update_up()
 
     async def stop(self) -> None:

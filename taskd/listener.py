@@ -63,6 +63,9 @@ class NodeListener:
         future = self._confirmed.get(user_id)
         if future is None:
             future = self._confirmed[user_id] = asyncio.get_running_loop().create_future()
+            # Asked for again (a drop and a want before the writer ran, or a move and back):
+            # only a confirmation heard from now on resolves it, so SSUBSCRIBE once more.
+            self._sent.discard(user_id)
         self._dirty.set()
         return future
 
@@ -105,8 +108,10 @@ class NodeListener:
             self._resync |= self.users
         writer: asyncio.Task[None] | None = None
         try:
-            await pubsub.ping()
+            # The connect (HELLO, CLIENT SETNAME) too: a node that accepts and never answers
+            # must fail this session, so that the hub re-reads where the slots went.
             async with asyncio.timeout(SILENCE):
+                await pubsub.ping()
                 while (reply := await pubsub.get_message(timeout=PING_EVERY)) is None:
                     pass
             if reply["type"] != "pong":

@@ -20,7 +20,14 @@ from typing import Any
 import aiopg
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 
 from taskd import db, keys, store
 from taskd.background import (
@@ -46,9 +53,11 @@ from taskd.streams import (
 log = logging.getLogger(__name__)
 
 HOLD_BACK_SECONDS = 30.0  # a user whose events Redis refuses is retried after this
-# Replies that mean "ask again, elsewhere or later": the slot moved, or the cluster is failing
-# over. The slot map is re-read and the events stay in the outbox for the next sweep.
-RETRY_REPLIES = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN")
+# Replies that mean "ask again, elsewhere or later": the slot moved (MOVED, ASK), the cluster
+# is failing over (CLUSTERDOWN, MASTERDOWN, TRYAGAIN), a demoted master (READONLY). The slot map
+# is re-read and the events stay in the outbox for a next sweep. (redis-py keeps the reply's
+# code in the exception's type, not in its text.)
+RETRY_REPLIES = (AskError, TryAgainError, ClusterError, ReadOnlyError)
 
 
 class NotReplicated(ConnectionError):
@@ -166,7 +175,8 @@ class Relay:
             while not stop_requested():
                 if not subscribed:
                     with contextlib.suppress(*REDIS_DOWN):
-                        await pubsub.subscribe(self._keys.doorbell())
+                        async with asyncio.timeout(self._redis_settings.timeout):
+                            await pubsub.subscribe(self._keys.doorbell())
                         subscribed = True
                 if await self.publish_batch(cur) < self._settings.batch_size:
                     subscribed = await self._wait_for_work(pubsub, subscribed)
@@ -208,7 +218,7 @@ class Relay:
                     continue
                 if isinstance(result, ResponseError) and "equal or smaller" in str(result):
                     refused.append(event)
-                elif _retryable(result):
+                elif retryable(result):
                     retry.add(event.user_id)
                 else:
                     # A WRONGTYPE key, say: hold that user's events back, without
@@ -232,6 +242,10 @@ class Relay:
         now = asyncio.get_running_loop().time()
         for user_id in failed:
             self._held_back[user_id] = now + HOLD_BACK_SECONDS
+        for user_id in retry:
+            # Skipped for a sweep: the oldest rows, a down master's, must not fill every batch
+            # and stop the other masters' users.
+            self._held_back[user_id] = now + self._settings.sweep_interval
         # A renumbered user's rows stay: they go out under their new numbers next sweep.
         skip = failed | diverged | retry
         done = [(row.user_id, row.seq) for row in rows if row.user_id not in skip]
@@ -239,7 +253,7 @@ class Relay:
         self.published += len(done)
         if gone:
             await self._forget_streams(gone)
-        return 0 if retry else len(rows)  # retries wait for the next sweep
+        return len(rows) if done else 0  # nothing went out: wait for the next sweep
 
     async def _forget_streams(self, user_ids: list[int]) -> None:
         """Delete the streams of deleted accounts that this batch wrote to after the deletion
@@ -350,11 +364,11 @@ class Relay:
             )
 
 
-def _retryable(error: Exception) -> bool:
+def retryable(error: Exception) -> bool:
     """Whether a failed publication should simply be tried again (after a sweep)."""
     if isinstance(error, ResponseError):
-        return str(error).startswith(RETRY_REPLIES)
-    return isinstance(error, (*REDIS_DOWN, RedisClusterException))
+        return isinstance(error, RETRY_REPLIES)
+    return isinstance(error, REDIS_DOWN)
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:

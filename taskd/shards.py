@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -96,6 +97,7 @@ class Shards:
         self._settings = settings
         self._client = client
         self._rotation = itertools.count()
+        self._refreshed = -float("inf")  # time.monotonic() of the last slot map re-read
 
     @property
     def timeout(self) -> float:
@@ -110,9 +112,16 @@ class Shards:
         return self._client
 
     async def refresh(self) -> None:
-        """Re-read the slot map (after a failover, a MOVED or a lost connection)."""
-        if self.clustered:
-            await self._cluster().nodes_manager.initialize()
+        """Re-read the slot map (after a failover, a MOVED or a lost connection), at most
+        once per `timeout`: redis-py reconnects every pooled connection on each re-read, and
+        while a master is down the hub and the relay would ask for one several times a second."""
+        if not self.clustered:
+            return
+        now = time.monotonic()
+        if now - self._refreshed < self._settings.timeout:
+            return
+        self._refreshed = now
+        await self._cluster().nodes_manager.initialize()
 
     async def ready(self) -> None:
         """Read the slot map once, if it was never read."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -12,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.typing import EncodableT, FieldT
 
 from taskd import keys
@@ -24,8 +25,9 @@ from taskd.shards import RedisClient, Shards, make_redis
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "Redis is not answering" on a request path.
-REDIS_DOWN = (RedisError, OSError, TimeoutError)
+# Errors that mean "Redis is not answering" on a request path (a cluster client that reaches
+# no node, or finds no master for a slot, raises RedisClusterException, not a RedisError).
+REDIS_DOWN = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class RedisKeys:
@@ -247,11 +249,31 @@ end
 """
 
 
+class Script:
+    """A Lua script run by its hash, sent whole to the one node that does not know it yet.
+
+    redis-py's own Script loads a missing script with SCRIPT LOAD on every primary of a
+    cluster, which fails while one of them is down (and a promoted replica knows no scripts):
+    EVAL on the node the key lives on caches it there instead.
+    """
+
+    def __init__(self, redis: RedisClient, source: str) -> None:
+        self._redis = redis
+        self._source = source
+        self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, keys: list[str], args: list[str | int]) -> Any:
+        try:
+            return await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._redis.eval(self._source, len(keys), *keys, *args)
+
+
 class StreamReader:
     """Reads one user's stream after a position, in slices bounded by bytes and count."""
 
     def __init__(self, redis: RedisClient, keyspace: RedisKeys, budget: int, limit: int) -> None:
-        self._script = redis.register_script(READ_SLICE)
+        self._script = Script(redis, READ_SLICE)
         self._keys = keyspace
         self._budget = budget
         self._limit = limit

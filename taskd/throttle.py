@@ -10,7 +10,7 @@ from collections import OrderedDict
 from taskd.config import ThrottleSettings
 from taskd.errors import Throttled
 from taskd.shards import RedisClient
-from taskd.streams import REDIS_DOWN, RedisKeys
+from taskd.streams import REDIS_DOWN, RedisKeys, Script
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Throttle:
     """Count attempts per (scope, identity) in windows of `window` seconds."""
 
     def __init__(self, redis: RedisClient, keys: RedisKeys, settings: ThrottleSettings) -> None:
-        self._count = redis.register_script(COUNT)
+        self._count = Script(redis, COUNT)
         self._keys = keys
         self._window = settings.window
         self._local: OrderedDict[str, int] = OrderedDict()

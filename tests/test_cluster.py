@@ -21,6 +21,7 @@ from devtools.cluster import LocalCluster
 from taskd import keys
 from taskd.app import create_app
 from taskd.config import Settings
+from taskd.relay import retryable as relay_retries
 from taskd.streams import RedisKeys
 from tests.conftest import ClientFactory, SettingsFactory, User, register_and_login
 from tests.live import SseStream
@@ -32,6 +33,7 @@ QUIET = 40  # ... and these without one: no instance may hear their events
 WHOLE_WITHIN = 10.0  # the issue's bound for every client to be whole after a master dies
 RECONNECT_PAUSE = 0.2  # a client's wait before it reconnects (as EventSource's retry)
 MAX_CONNECTIONS = 8  # per node: 200 streams must not need more
+BATCH = 50  # outbox rows per relay round trip
 
 
 @dataclass
@@ -92,7 +94,7 @@ async def deployment(
             "timeout": 0.5,
             "max_connections": MAX_CONNECTIONS,
         },
-        relay={"sweep_interval": 0.2},
+        relay={"sweep_interval": 0.2, "batch_size": BATCH},
     )
     instances = [await aiohttp_client(create_app(settings)) for _ in range(2)]
     return settings, instances
@@ -284,3 +286,52 @@ async def test_every_client_is_whole_after_a_master_dies_mid_stream(
         async with _following(holed[:10], instances) as late:
             await _wait_whole(late, written, limit=WHOLE_WITHIN)
         assert all(any(item.startswith("reset") for item in f.seen) for f in late)
+
+
+async def test_a_master_that_stays_down_stops_only_its_own_users(
+    deployment: tuple[Settings, list[TestClient[web.Request, web.Application]]],
+    local_cluster: LocalCluster,
+) -> None:
+    """A master and its replica are gone (no failover): its users' events wait in the
+    outbox, oldest first, and the other masters' users still get theirs, however many
+    batches the waiting ones would fill."""
+    settings, instances = deployment
+    users = await _users(instances[0], 60)
+    master = (await asyncio.to_thread(local_cluster.masters))[0]
+    shards = instances[0].app[keys.SHARDS]
+    keyspace = RedisKeys(settings.redis.namespace)
+    stranded = [u for u in users if shards.node_of(keyspace.live(u.id)) == master]
+    elsewhere = [u for u in users if u not in stranded]
+    assert stranded
+    assert elsewhere
+    replica = await asyncio.to_thread(local_cluster.replica_of, master)
+    written: dict[int, int] = {}
+    async with _following(elsewhere, instances) as followers:
+        await _open(followers, instances)
+        await asyncio.to_thread(local_cluster.kill, replica)
+        await asyncio.to_thread(local_cluster.kill, master)
+        # More than a batch of the dead master's events, committed first...
+        await _write(stranded, -(-3 * BATCH // len(stranded)), written)
+        # ... and then one event for each user elsewhere: it arrives all the same.
+        await _write(elsewhere, 1, written)
+        await _wait_whole(followers, written, limit=WHOLE_WITHIN)
+
+
+async def test_a_redirect_is_retried_not_held_back(local_cluster: LocalCluster) -> None:
+    """MOVED from a node that does not own the slot (a slot moved, a stale map): the relay
+    re-reads the map and tries again at the next sweep. redis-py keeps the reply's code in
+    the exception's type, not in its text."""
+    await asyncio.to_thread(local_cluster.heal)
+    node = (await asyncio.to_thread(local_cluster.masters))[0]
+    client = aioredis.Redis(host=node[0], port=node[1], protocol=3)
+    try:
+        replies = []
+        for n in range(20):  # some of these keys belong to the other masters
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xadd(f"{{moved{n}}}:events", {"a": 1})
+                replies += await pipe.execute(raise_on_error=False)
+    finally:
+        await client.aclose()
+    moved = [r for r in replies if isinstance(r, Exception)]
+    assert moved
+    assert all(relay_retries(r) for r in moved)
