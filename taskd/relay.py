@@ -53,6 +53,7 @@ from taskd.streams import (
 log = logging.getLogger(__name__)
 
 HOLD_BACK_SECONDS = 30.0  # a user whose events Redis refuses is retried after this
+RETRY_HOLD_SWEEPS = 2  # ... and one whose master is away, after this many sweep intervals
 # Replies that mean "ask again, elsewhere or later": the slot moved (MOVED, ASK), the cluster
 # is failing over (CLUSTERDOWN, MASTERDOWN, TRYAGAIN), a demoted master (READONLY). The slot map
 # is re-read and the events stay in the outbox for a next sweep. (redis-py keeps the reply's
@@ -243,9 +244,10 @@ class Relay:
         for user_id in failed:
             self._held_back[user_id] = now + HOLD_BACK_SECONDS
         for user_id in retry:
-            # Skipped for a sweep: the oldest rows, a down master's, must not fill every batch
-            # and stop the other masters' users.
-            self._held_back[user_id] = now + self._settings.sweep_interval
+            # Skipped by the next batch (which comes after a sweep interval when this one
+            # published nothing): the oldest rows, a down master's, must not fill every
+            # batch and stop the other masters' users.
+            self._held_back[user_id] = now + RETRY_HOLD_SWEEPS * self._settings.sweep_interval
         # A renumbered user's rows stay: they go out under their new numbers next sweep.
         skip = failed | diverged | retry
         done = [(row.user_id, row.seq) for row in rows if row.user_id not in skip]
