@@ -213,6 +213,7 @@ class Relay:
         refused: list[StreamEvent] = []
         failed: set[int] = set()
         retry: set[int] = set()
+        why: Exception | None = None  # what the first of them met
         try:
             for event, result in zip(events, await self._publish(events), strict=True):
                 if not isinstance(result, Exception):
@@ -221,6 +222,7 @@ class Relay:
                     refused.append(event)
                 elif retryable(result):
                     retry.add(event.user_id)
+                    why = result
                 else:
                     # A WRONGTYPE key, say: hold that user's events back, without
                     # blocking everyone else's.
@@ -236,7 +238,7 @@ class Relay:
             return 0  # the caller waits a sweep interval before trying again
         if retry:
             log.warning(
-                "relay: %d user(s)' events wait in the outbox for redis (failover?)", len(retry)
+                "relay: %d user(s)' events wait in the outbox for redis: %r", len(retry), why
             )
             with contextlib.suppress(*REDIS_DOWN):
                 await self._shards.refresh()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import psycopg2
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -335,3 +336,60 @@ async def test_a_redirect_is_retried_not_held_back(local_cluster: LocalCluster) 
     moved = [r for r in replies if isinstance(r, Exception)]
     assert moved
     assert all(relay_retries(r) for r in moved)
+
+
+async def test_with_wait_replicas_events_go_out_once_a_replica_holds_them(
+    local_cluster: LocalCluster, aiohttp_client: ClientFactory, make_settings: SettingsFactory
+) -> None:
+    """`redis.wait_replicas = 1`: the relay deletes an event from the outbox only once WAIT
+    says a replica holds it. With the replica of one master stopped, that master's users'
+    events stay in the outbox (published again until a replica holds them; clients drop the
+    repeats), the others' are deleted; once it is back, the outbox drains."""
+    await asyncio.to_thread(local_cluster.heal)
+    settings = make_settings(
+        redis={
+            "cluster_nodes": tuple(local_cluster.startup_nodes),
+            "timeout": 0.5,
+            "wait_replicas": 1,
+            "wait_timeout_ms": 200,
+        },
+        relay={"sweep_interval": 0.2},
+    )
+    instance = await aiohttp_client(create_app(settings))
+    users = await _users(instance, 30)
+    master = (await asyncio.to_thread(local_cluster.masters))[0]
+    shards = instance.app[keys.SHARDS]
+    keyspace = RedisKeys(settings.redis.namespace)
+    waiting = {u.id for u in users if shards.node_of(keyspace.live(u.id)) == master}
+    assert waiting
+    assert len(waiting) < len(users)
+    replica = await asyncio.to_thread(local_cluster.replica_of, master)
+    written: dict[int, int] = {}
+
+    async def outbox() -> set[int]:
+        def query() -> set[int]:
+            conn = psycopg2.connect(settings.postgres.dsn.get_secret_value())
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute("SELECT DISTINCT user_id FROM outbox")
+                    return {row[0] for row in cur.fetchall()}
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(query)
+
+    async with _following(users, [instance, instance]) as followers:
+        await _open(followers, [instance])
+        await asyncio.to_thread(local_cluster.pause, replica)
+        try:
+            await _write(users, 1, written)
+            await _wait_whole(followers, written, limit=WHOLE_WITHIN)  # live: SPUBLISH came first
+            async with asyncio.timeout(WHOLE_WITHIN):
+                while await outbox() != waiting:  # noqa: ASYNC110 - the relay is polled
+                    await asyncio.sleep(0.1)
+        finally:
+            await asyncio.to_thread(local_cluster.resume, replica)
+        async with asyncio.timeout(WHOLE_WITHIN):
+            while await outbox():  # noqa: ASYNC110 - the relay is polled
+                await asyncio.sleep(0.1)
+        assert all(f.whole_up_to(written[f.user.id]) for f in followers)  # no repeats shown
