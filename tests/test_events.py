@@ -459,3 +459,20 @@ async def test_events_published_while_the_hubs_connection_was_away_are_delivered
         rest = await stream.take(3)
         assert hub.connected
     assert [e.id for e in (first, *rest)] == ["1-0", "2-0", "3-0", "4-0"]
+
+
+async def test_a_websocket_closed_by_its_client_leaves_no_subscription_behind(
+    alice: User,
+) -> None:
+    """The test server cancels a handler whose client left (`handler_cancellation`), as a
+    shutdown does: the cancellation met the handler while it waited for its writer, and the
+    hub kept the subscription, one of the user's 32 slots, for good."""
+    hub = alice.client.app[keys.HUB]
+    for _ in range(3):
+        socket = await alice.client.ws_connect(
+            "/api/ws/", headers={"Authorization": f"Bearer {alice.access}"}
+        )
+        await socket.close()
+    async with asyncio.timeout(WAIT):
+        while hub.subscribers_of(alice.id):  # noqa: ASYNC110 - the hub is polled
+            await asyncio.sleep(0.01)

@@ -148,7 +148,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
         keepalive.discard(kept)
         feed.close()
         if resp.prepared:
-            resp.stop_streaming()  # its own ping task, which would sleep on for years
+            # Its own ping task, which would sleep on for years; none when `prepare` failed
+            # half-way (the client left as the headers went out): aiohttp-sse then raises.
+            with contextlib.suppress(RuntimeError):
+                resp.stop_streaming()
     return resp
 
 
@@ -226,10 +229,12 @@ async def ws(request: web.Request) -> web.StreamResponse:
         log.debug("websocket reader ended: %r", exc)
     finally:
         keepalive.discard(kept)
+        # Before the wait below, which a cancelled handler (a client gone, a shutdown) never
+        # finishes: the hub must not keep a subscription (a slot of the user's 32) for it.
+        feed.close()
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-        feed.close()
     if not socket.prepared:  # the client left during the handshake
         return web.Response(status=CLIENT_GONE)
     return socket
