@@ -27,7 +27,8 @@ from taskd.server import (
     raise_open_file_limit,
     watch_gc_pauses,
 )
-from taskd.streams import REDIS_DOWN, forget_namespace
+from taskd.shards import REDIS_DOWN
+from taskd.streams import forget_namespace
 
 log = logging.getLogger(__name__)
 

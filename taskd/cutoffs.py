@@ -36,8 +36,8 @@ from taskd import db, keys, store
 from taskd.background import Backoff, stop_background, stop_requested, supervise
 from taskd.config import AuthSettings
 from taskd.errors import ApiError, LoginEnded
-from taskd.shards import RedisClient, Shards
-from taskd.streams import REDIS_DOWN, RedisKeys
+from taskd.shards import REDIS_DOWN, RedisClient, Shards
+from taskd.streams import RedisKeys
 
 log = logging.getLogger(__name__)
 

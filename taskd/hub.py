@@ -16,9 +16,8 @@ from taskd.background import Backoff, stop_background, stop_requested
 from taskd.config import RedisSettings, StreamSettings
 from taskd.errors import Throttled, Unavailable
 from taskd.listener import NodeListener
-from taskd.shards import Node, RedisClient, Shards
+from taskd.shards import REDIS_DOWN, Node, RedisClient, Shards
 from taskd.streams import (
-    REDIS_DOWN,
     RedisKeys,
     StreamEvent,
     StreamReader,

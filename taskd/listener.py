@@ -17,8 +17,8 @@ import time
 from typing import Any, Protocol
 
 from taskd.background import Backoff, stop_background, stop_requested, supervise
-from taskd.shards import Node, Shards
-from taskd.streams import REDIS_DOWN, RedisKeys
+from taskd.shards import REDIS_DOWN, Node, Shards
+from taskd.streams import RedisKeys
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,7 @@ from typing import Any
 import aiopg
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import (
-    AskError,
-    ClusterError,
-    ReadOnlyError,
-    RedisClusterException,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import RedisClusterException, ResponseError
 
 from taskd import db, keys, store
 from taskd.background import (
@@ -38,9 +31,8 @@ from taskd.background import (
     supervise,
 )
 from taskd.config import PostgresSettings, RedisSettings, RelaySettings, StreamSettings
-from taskd.shards import Node, RedisClient, Shards
+from taskd.shards import REDIS_DOWN, Node, RedisClient, Shards, retryable
 from taskd.streams import (
-    REDIS_DOWN,
     RedisKeys,
     StreamEvent,
     as_entries,
@@ -54,11 +46,6 @@ log = logging.getLogger(__name__)
 
 HOLD_BACK_SECONDS = 30.0  # a user whose events Redis refuses is retried after this
 RETRY_HOLD_SWEEPS = 2  # ... and one whose master is away, after this many sweep intervals
-# Replies that mean "ask again, elsewhere or later": the slot moved (MOVED, ASK), the cluster
-# is failing over (CLUSTERDOWN, MASTERDOWN, TRYAGAIN), a demoted master (READONLY). The slot map
-# is re-read and the events stay in the outbox for a next sweep. (redis-py keeps the reply's
-# code in the exception's type, not in its text.)
-RETRY_REPLIES = (AskError, TryAgainError, ClusterError, ReadOnlyError)
 
 
 class NotReplicated(ConnectionError):
@@ -366,13 +353,6 @@ class Relay:
                 user_id,
                 top + 2,
             )
-
-
-def retryable(error: Exception) -> bool:
-    """Whether a failed publication should simply be tried again (after a sweep)."""
-    if isinstance(error, ResponseError):
-        return isinstance(error, RETRY_REPLIES)
-    return isinstance(error, REDIS_DOWN)
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,12 +17,38 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from taskd.config import RedisSettings
 
 log = logging.getLogger(__name__)
 
 Node = tuple[str, int]  # (host, port)
+
+# Errors that mean "Redis is not answering" (a cluster client that reaches no node, or finds
+# no master for a slot, raises RedisClusterException, not a RedisError).
+REDIS_DOWN = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+# Replies that mean "ask again, elsewhere or later": the slot moved (MOVED, ASK), the cluster
+# is failing over (CLUSTERDOWN, MASTERDOWN, TRYAGAIN), a demoted master (READONLY). (redis-py
+# keeps the reply's code in the exception's type, not in its text.)
+RETRY_REPLIES = (AskError, TryAgainError, ClusterError, ReadOnlyError)
+
+
+def retryable(error: Exception) -> bool:
+    """Whether a command that failed so should simply be sent again, after the slot map is
+    read again: a redirect, a failover under way, or a node that did not answer."""
+    if isinstance(error, ResponseError):
+        return isinstance(error, RETRY_REPLIES)
+    return isinstance(error, REDIS_DOWN)
 
 
 class BoundedCluster(RedisCluster):

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, FieldT
 
 from taskd import keys
@@ -21,13 +21,9 @@ from taskd.config import RedisSettings
 from taskd.models import OutboxEvent, Task
 from taskd.responses import task_body, timestamp
 from taskd.schemas import BIGINT_MAX, DESCRIPTION_MAX, TITLE_MAX
-from taskd.shards import RedisClient, Shards, make_redis
+from taskd.shards import REDIS_DOWN, RedisClient, Shards, make_redis
 
 log = logging.getLogger(__name__)
-
-# Errors that mean "Redis is not answering" on a request path (a cluster client that reaches
-# no node, or finds no master for a slot, raises RedisClusterException, not a RedisError).
-REDIS_DOWN = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class RedisKeys:

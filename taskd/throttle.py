@@ -9,8 +9,8 @@ from collections import OrderedDict
 
 from taskd.config import ThrottleSettings
 from taskd.errors import Throttled
-from taskd.shards import RedisClient
-from taskd.streams import REDIS_DOWN, RedisKeys, Script
+from taskd.shards import REDIS_DOWN, RedisClient
+from taskd.streams import RedisKeys, Script
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from devtools.cluster import LocalCluster
 from taskd import keys
 from taskd.app import create_app
 from taskd.config import Settings
-from taskd.relay import retryable as relay_retries
+from taskd.shards import retryable as relay_retries
 from taskd.streams import RedisKeys
 from tests.conftest import ClientFactory, SettingsFactory, User, register_and_login
 from tests.live import SseStream

@@ -17,7 +17,8 @@ from taskd.errors import ApiError, Forbidden, LoginEnded
 from taskd.feed import Feed, Item, ResetNotice, payload
 from taskd.hub import LOGIN_ENDED
 from taskd.keepalive import Kept
-from taskd.streams import REDIS_DOWN, event_id
+from taskd.shards import REDIS_DOWN
+from taskd.streams import event_id
 from taskd.subscription import Closed
 from taskd.views.common import public_origin
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from taskd import db, keys, store
 from taskd.errors import ApiError
 from taskd.metrics import CONTENT_TYPE, scrape
-from taskd.streams import REDIS_DOWN
+from taskd.shards import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
