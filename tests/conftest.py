@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -137,6 +138,24 @@ def make_settings(
         )
 
     return make
+
+
+def private_dir(kind: str) -> Path:
+    """A fresh directory for a private server of one test."""
+    return devtools.state_dir(PROJECT) / f"{kind}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[devtools.RedisServer]:
+    """A Redis of the test's own (append-only file on), for tests that stop or break it."""
+    base = private_dir("redis")
+    server = devtools.RedisServer(base, persistent=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable, Callable
 
 import devtools
 from taskd.config import Settings
 
 RECOVERY = 30.0  # bound on waiting for a reconnect with back-off; not a goal
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], limit: float = RECOVERY) -> None:
+    """Retry `probe` until it holds: for recoveries that no event announces to a client."""
+    async with asyncio.timeout(limit):
+        while not await probe():  # noqa: ASYNC110 - nothing to await: the server is polled
+            await asyncio.sleep(0.1)
 
 
 class Replica:

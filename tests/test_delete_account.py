@@ -17,7 +17,7 @@ from taskd.store.events import LEADER_LOCK
 from taskd.streams import RedisKeys
 from tests.conftest import PASSWORD, ClientFactory, User, register_and_login
 from tests.live import raw_redis
-from tests.test_events_faults import eventually
+from tests.replicas import eventually
 
 Client = TestClient[web.Request, web.Application]
 CUT_OFF = 5.0

@@ -7,13 +7,9 @@ import asyncio
 import shutil
 import signal
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 import aiohttp
 import psycopg2
-import pytest
 from pydantic import SecretStr
 
 import devtools
@@ -22,32 +18,9 @@ from taskd.app import create_app
 from taskd.config import Settings
 from taskd.db import migrate_dsn
 from taskd.streams import RedisKeys
-from tests.conftest import PROJECT, ClientFactory, SettingsFactory, User, register_and_login
+from tests.conftest import ClientFactory, SettingsFactory, User, private_dir, register_and_login
 from tests.live import WAIT, raw_redis
-from tests.replicas import RECOVERY, Replica
-
-
-async def eventually(probe: Callable[[], Awaitable[bool]], limit: float = RECOVERY) -> None:
-    """Retry `probe` until it holds: for recoveries that no event announces to a client."""
-    async with asyncio.timeout(limit):
-        while not await probe():  # noqa: ASYNC110 - nothing to await: the server is polled
-            await asyncio.sleep(0.1)
-
-
-def private_dir(kind: str) -> Any:
-    return devtools.state_dir(PROJECT) / f"{kind}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def private_redis() -> Iterator[devtools.RedisServer]:
-    base = private_dir("redis")
-    server = devtools.RedisServer(base, persistent=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+from tests.replicas import RECOVERY, Replica, eventually
 
 
 async def stream_ids(user: User, after: str, count: int) -> list[str]:

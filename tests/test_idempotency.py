@@ -21,8 +21,7 @@ import taskd.store
 from taskd.app import create_app
 from taskd.config import Settings
 from tests.conftest import ClientFactory, User, register_and_login
-from tests.replicas import Replica
-from tests.test_events_faults import eventually
+from tests.replicas import Replica, eventually
 
 Client = TestClient[web.Request, web.Application]
 REPLAYED = "Idempotency-Replayed"

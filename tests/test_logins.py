@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 import uuid
 from typing import Any
 
@@ -15,21 +14,19 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
-import devtools
 import taskd.store
 from taskd import db, keys, store
 from taskd.app import create_app
 from taskd.config import Settings
 from tests.conftest import (
     PASSWORD,
-    PROJECT,
     ClientFactory,
     SettingsFactory,
     User,
     register_and_login,
 )
 from tests.live import WAIT, raw_redis
-from tests.test_events_faults import eventually
+from tests.replicas import eventually
 
 Client = TestClient[web.Request, web.Application]
 NEW_PASSWORD = "another horse battery"
@@ -283,18 +280,6 @@ async def test_a_password_change_on_one_replica_cuts_a_stream_and_a_token_on_the
     async with renewed.sse(last_event_id="1-0") as stream:
         await dataclasses.replace(user, access=tokens["access"]).create_task("after")
         assert (await stream.take(1))[0].id == "2-0"
-
-
-@pytest.fixture
-def private_redis() -> Any:
-    base = devtools.state_dir(PROJECT) / f"redis-{uuid.uuid4().hex[:8]}"
-    server = devtools.RedisServer(base, persistent=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_while_redis_is_down_replicas_read_the_cut_off_again_within_seconds(
