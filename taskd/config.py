@@ -201,20 +201,23 @@ RETIRED = {
     ("stream", "firehose_maxlen"): "there is no firehose since live events use shard channels",
     ("stream", "hub_batch"): "the hub no longer reads a firehose",
     ("stream", "hub_block_ms"): "the hub no longer reads a firehose",
-    ("stream", "firehose_inline_bytes"): "renamed [stream] live_inline_bytes",
 }
+RENAMED = {("stream", "firehose_inline_bytes"): "live_inline_bytes"}
 
 
 def _drop_retired(data: dict[str, Any]) -> list[str]:
-    """Remove retired keys from `data`; a warning for each."""
+    """Remove retired keys from `data` and carry renamed ones over; a warning for each."""
     warnings = []
     for (table, key), why in RETIRED.items():
         section = data.get(table)
         if isinstance(section, dict) and key in section:
-            value = section.pop(key)
-            if key == "firehose_inline_bytes":
-                section.setdefault("live_inline_bytes", value)
+            del section[key]
             warnings.append(f"[{table}] {key} is ignored: {why}")
+    for (table, key), new in RENAMED.items():
+        section = data.get(table)
+        if isinstance(section, dict) and key in section:
+            section.setdefault(new, section.pop(key))
+            warnings.append(f"[{table}] {key} is now [{table}] {new}")
     return warnings
 
 
@@ -234,7 +237,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
             if isinstance(section_model, type) and issubclass(section_model, BaseModel)
             else {}
         )
-        if key not in fields and (table, key) not in RETIRED:
+        if key not in fields and (table, key) not in {*RETIRED, *RENAMED}:
             raise ConfigError(f"{name}: [{table}] has no key {key!r}")
         data.setdefault(table, {})[key] = value
 

@@ -191,7 +191,7 @@ class Hub:
         self.received += 1
         if event.data is None:
             event = await self._resolve(event)
-        for sub in list(subs):
+        for sub in subs:  # offer() never unsubscribes: a closed one leaves with its feed
             sub.offer(event)
             self.delivered += 1
 

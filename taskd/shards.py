@@ -123,6 +123,8 @@ class Shards:
         self._settings = settings
         self._client = client
         self._rotation = itertools.count()
+        url = urlsplit(settings.url.get_secret_value())  # once: the relay asks per event
+        self._single_node: Node = (url.hostname or "127.0.0.1", url.port or 6379)
         self._refreshed = -float("inf")  # time.monotonic() of the last slot map re-read
 
     @property
@@ -168,8 +170,7 @@ class Shards:
         return sorted((n.host, int(n.port)) for n in self._cluster().get_primaries())
 
     def _single(self) -> Node:
-        url = urlsplit(self._settings.url.get_secret_value())
-        return url.hostname or "127.0.0.1", url.port or 6379
+        return self._single_node
 
     def direct(self, node: Node, role: str, *, read_timeout: float | None) -> Redis:
         """A one-connection client to `node` (the url's own options on a single instance).

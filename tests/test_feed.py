@@ -4,7 +4,11 @@ a cap on connections per user, and big events carried by reference through the l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+from pydantic import SecretStr
+
+import devtools
 from taskd import keys
 from taskd.app import create_app
 from taskd.config import StreamSettings
@@ -17,6 +21,7 @@ from tests.live import WAIT, raw_redis
 # What JSON writes as six bytes a character: the biggest events the API allows.
 CONTROL = "\x01"
 MiB = 1024 * 1024
+READS = ("xrange", "evalsha")  # the hub's read of one entry; a feed's catch-up script
 
 
 async def make_big_tasks(user: User, count: int) -> None:
@@ -148,3 +153,32 @@ async def test_a_users_stream_is_trimmed_exactly_and_its_memory_follows(
         assert await redis.xlen(key) == maxlen
         used = await redis.memory_usage(key, samples=0)
     assert used <= maxlen * (max_event_bytes() + 4_300) + 64 * 1024
+
+
+async def test_the_hub_reads_a_big_event_once_for_all_its_subscribers(
+    aiohttp_client: ClientFactory,
+    make_settings: SettingsFactory,
+    private_redis: devtools.RedisServer,
+) -> None:
+    """Five streams of one user on one replica: the big event, a reference on the live
+    channel, is read from the user's stream once (by the hub), not once per stream."""
+    settings = make_settings(redis={"url": SecretStr(private_redis.url)})
+    client = await aiohttp_client(create_app(settings))
+    user = await register_and_login(client, "fanout")
+    description = "z" * (settings.stream.live_inline_bytes + 1)
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(user.sse()) for _ in range(5)]
+        await user.create_task("small")
+        for stream in streams:
+            await stream.take(1)
+        async with raw_redis(settings) as redis:
+            await redis.config_resetstat()
+            await user.create_task("big", description=description)
+            for stream in streams:
+                (big,) = await stream.take(1)
+                assert big.json["task"]["description"] == description
+            stats = await redis.info("commandstats")
+    reads = {
+        name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("xrange", "evalsha")
+    }
+    assert reads == {"xrange": 1, "evalsha": 0}
