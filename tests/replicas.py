@@ -67,6 +67,15 @@ class Replica:
 
     async def wait_for(self, text: str, limit: float = RECOVERY, count: int = 1) -> None:
         """Until the replica has logged `count` lines containing `text`."""
+        try:
+            await self._wait_for(text, limit, count)
+        except TimeoutError:
+            tail = "".join(self.output[-40:])
+            raise AssertionError(
+                f"no {count} x {text!r} within {limit} s; the log:\n{tail}"
+            ) from None
+
+    async def _wait_for(self, text: str, limit: float, count: int) -> None:
         async with asyncio.timeout(limit):
             while sum(text in line for line in self.output) < count:
                 seen = self._seen.setdefault(text, asyncio.Event())
@@ -84,4 +93,5 @@ class Replica:
             self.proc.kill()
             await self.proc.wait()
         if self._reader is not None:
-            await self._reader
+            # Until the output ends: every process holding it (its workers too) has exited.
+            await asyncio.wait_for(self._reader, RECOVERY)

@@ -73,6 +73,22 @@ async def test_workers_share_one_port(settings: Settings, replicas: list[Replica
     assert await asyncio.wait_for(replica.proc.wait(), RECOVERY) == 0
 
 
+async def test_workers_stop_when_their_supervisor_is_killed(
+    settings: Settings, replicas: list[Replica]
+) -> None:
+    """A SIGKILLed supervisor cannot forward a signal: its workers get SIGTERM from the
+    kernel (PR_SET_PDEATHSIG) and stop, rather than serve on, unsupervised."""
+    replica = Replica(settings, TASKD_HTTP_DRAIN_SECONDS="0")
+    replica.args = ["--workers", "2"]
+    replicas.append(replica)
+    await replica.start()
+    await replica.wait_for("taskd is serving at", count=2)
+    replica.signal(signal.SIGKILL)
+    # The workers share the supervisor's output: it ends once both have exited.
+    await replica.wait_for("taskd stopped", count=2)
+    await replica.stop()
+
+
 async def test_a_connection_without_a_request_is_closed(
     settings: Settings, replicas: list[Replica]
 ) -> None:
